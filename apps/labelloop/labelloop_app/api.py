@@ -1,0 +1,70 @@
+"""Routes LabelLoop puts in front of MONAI Label's own, so that unknown task names get a 404 naming the
+valid ones instead of a background task that fails later. They delegate to MONAI Label's endpoint functions."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable, Dict, Optional
+
+from fastapi import APIRouter, Depends
+from monailabel.config import settings
+from monailabel.endpoints import batch_infer as batch_infer_endpoint
+from monailabel.endpoints import train as train_endpoint
+from monailabel.endpoints.user.auth import RBAC, User
+from monailabel.interfaces.datastore import DefaultLabelTag
+
+from labelloop_app.errors import NotFound
+
+logger = logging.getLogger(__name__)
+
+
+def require(kind: str, name: str, available: Dict) -> None:
+    if name not in available:
+        raise NotFound(f"unknown {kind} {name!r}; available: {', '.join(sorted(available)) or 'none'}")
+
+
+def build_router(trainers: Callable[[], Dict], infers: Callable[[], Dict]) -> APIRouter:
+    router = APIRouter()
+    admin = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))
+
+    @router.post("/train/{model}", include_in_schema=False)
+    async def train_model(
+        model: str,
+        params: Optional[dict] = None,
+        run_sync: Optional[bool] = False,
+        enqueue: Optional[bool] = False,
+        user: User = admin,
+    ):
+        require("train task", model, trainers())
+        return train_endpoint.run_model(model, params, run_sync, enqueue)
+
+    @router.post("/batch/infer/{model}", include_in_schema=False)
+    async def batch_infer(
+        model: str,
+        images: Optional[str] = "all",
+        params: Optional[dict] = None,
+        run_sync: Optional[bool] = False,
+        user: User = admin,
+    ):
+        require("model", model, infers())
+        request = {"save_label": True, "label_tag": DefaultLabelTag.ORIGINAL.value, "logging": "WARNING"}
+        request.update(params or {})
+        return batch_infer_endpoint.run(model, images, request, run_sync)
+
+    return router
+
+
+def install_routes(trainers: Callable[[], Dict], infers: Callable[[], Dict]) -> bool:
+    """Put LabelLoop's routes first in the running server's route table (no-op outside the server process)."""
+    server = sys.modules.get("monailabel.app")
+    if server is None or not hasattr(server, "app"):
+        return False
+    fastapi_app = server.app
+    router = build_router(trainers, infers)
+    before = len(fastapi_app.router.routes)
+    fastapi_app.include_router(router, prefix=settings.MONAI_LABEL_API_STR)
+    added = fastapi_app.router.routes[before:]
+    del fastapi_app.router.routes[before:]
+    fastapi_app.router.routes[0:0] = added
+    return True

@@ -1,0 +1,158 @@
+"""Parsing of ``--conf`` values given to ``monailabel start_server``.
+
+MONAI Label passes every ``--conf key value`` pair as strings; these helpers turn them into typed
+settings with clear errors, so a typo stops the server at start-up instead of at the first request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Sequence, Tuple
+
+from labelloop_app.labels import DEFAULT_SEG_LABELS
+
+TASKS = ("segmentation",)
+NETWORKS = ("unet", "dynunet", "segresnet", "attentionunet")
+MODALITIES = ("CT", "MR")
+
+
+class ConfError(ValueError):
+    """A ``--conf`` value that cannot be used."""
+
+
+def parse_bool(value: Any, default: bool = False) -> bool:
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def parse_floats(value: Any, n: int, name: str, positive: bool = True) -> Tuple[float, ...]:
+    """``"2"`` -> (2, 2, 2); ``"2,2,3"`` or ``"[2, 2, 3]"`` -> (2, 2, 3)."""
+    if isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        text = str(value).strip().strip("[]()")
+        items = [v for v in text.replace(" ", ",").split(",") if v]
+    try:
+        numbers = tuple(float(v) for v in items)
+    except ValueError as e:
+        raise ConfError(f"--conf {name} needs numbers, got {value!r}") from e
+    if len(numbers) == 1:
+        numbers = numbers * n
+    if len(numbers) != n or (positive and any(v <= 0 for v in numbers)):
+        raise ConfError(f"--conf {name} needs {n} {'positive ' if positive else ''}numbers, got {value!r}")
+    return numbers
+
+
+def parse_labels(value: Any, default: Mapping[str, int] = DEFAULT_SEG_LABELS) -> Dict[str, int]:
+    """Labels as ``name -> value``.
+
+    Accepts a comma list (``liver,spleen``: values 1, 2, ... in order), a JSON object string, or the path of a
+    JSON file holding ``{"liver": 1, ...}`` (as TotalSegmentator publishes them). Value 0 is background.
+    """
+    if value is None or str(value).strip() == "":
+        return dict(default)
+    text = str(value).strip()
+    if os.path.isfile(text):
+        with open(text) as f:
+            text = f.read()
+    if text.startswith("{"):
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfError(f"--conf labels is not valid JSON: {e}") from e
+        if all(isinstance(k, str) and k.isdigit() for k in raw):  # value -> name form
+            raw = {v: int(k) for k, v in raw.items()}
+        labels = {str(k).strip(): int(v) for k, v in raw.items() if str(k).strip() != "background"}
+    else:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        labels = {n: i for i, n in enumerate(names, start=1)}
+    if not labels:
+        raise ConfError("--conf labels names no structure")
+    values = list(labels.values())
+    if len(set(values)) != len(values) or any(v <= 0 or v > 255 for v in values):
+        raise ConfError(f"--conf labels needs distinct values in 1..255, got {labels}")
+    return labels
+
+
+def parse_names(value: Any, default: Sequence[str]) -> list[str]:
+    """A comma list, JSON list, or JSON file of names."""
+    if value is None or str(value).strip() == "":
+        return list(default)
+    text = str(value).strip()
+    if os.path.isfile(text):
+        with open(text) as f:
+            text = f.read().strip()
+    if text.startswith("["):
+        names = [str(n).strip() for n in json.loads(text)]
+    else:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise ConfError(f"need at least two distinct names, got {value!r}")
+    return names
+
+
+def parse_tasks(value: Any) -> list[str]:
+    """``--conf tasks segmentation,classification``: which tasks this server offers (default: segmentation)."""
+    names = [n.strip().lower() for n in str(value or "segmentation").split(",") if n.strip()]
+    unknown = [n for n in names if n not in TASKS]
+    if unknown or not names:
+        raise ConfError(f"--conf tasks {value!r}: unknown {unknown}; available: {', '.join(TASKS)}")
+    return names
+
+
+@dataclass
+class SegmentationConf:
+    """Settings of the ``segmentation`` task, from ``--conf``."""
+
+    labels: Dict[str, int] = field(default_factory=lambda: dict(DEFAULT_SEG_LABELS))
+    network: str = "unet"
+    modality: str = "CT"
+    target_spacing: Tuple[float, ...] = (2.0, 2.0, 3.0)
+    roi_size: Tuple[int, ...] = (96, 96, 64)
+    sw_batch_size: int = 2
+    sw_overlap: float = 0.25
+    ct_window: Tuple[float, ...] = (-175.0, 250.0)
+    restore: str = "linear"
+    max_epochs: int = 50
+    num_samples: int = 4
+
+    @classmethod
+    def from_conf(cls, conf: Mapping[str, str]) -> SegmentationConf:
+        network = str(conf.get("network", cls.network)).strip().lower().replace("_", "").replace("-", "")
+        if network not in NETWORKS:
+            raise ConfError(f"--conf network {conf.get('network')!r} is not one of {', '.join(NETWORKS)}")
+        modality = str(conf.get("modality", cls.modality)).strip().upper()
+        if modality in ("MRI",):
+            modality = "MR"
+        if modality not in MODALITIES:
+            raise ConfError(f"--conf modality {conf.get('modality')!r} is not one of CT, MR")
+        restore = str(conf.get("restore", cls.restore)).strip().lower()
+        if restore not in ("linear", "nearest"):
+            raise ConfError(f"--conf restore {restore!r} is not one of linear, nearest")
+        return cls(
+            labels=parse_labels(conf.get("labels")),
+            network=network,
+            modality=modality,
+            target_spacing=parse_floats(conf.get("target_spacing", cls.target_spacing), 3, "target_spacing"),
+            roi_size=tuple(int(v) for v in parse_floats(conf.get("roi_size", cls.roi_size), 3, "roi_size")),
+            sw_batch_size=int(conf.get("sw_batch_size", cls.sw_batch_size)),
+            sw_overlap=float(conf.get("sw_overlap", cls.sw_overlap)),
+            ct_window=parse_floats(conf.get("ct_window", cls.ct_window), 2, "ct_window", positive=False),
+            restore=restore,
+            max_epochs=int(conf.get("max_epochs", cls.max_epochs)),
+            num_samples=int(conf.get("num_samples", cls.num_samples)),
+        )
+
+    @property
+    def channel_of(self) -> Dict[str, int]:
+        """Network output channel of each label (0 is background), in the order the labels were given."""
+        return {name: i for i, name in enumerate(self.labels, start=1)}
+
+    @property
+    def out_channels(self) -> int:
+        return len(self.labels) + 1

@@ -1,0 +1,33 @@
+"""Uncertainty measures shared by every task's active-learning scores.
+
+All take class probabilities with the class axis first: ``(C,)`` for one image-level prediction or ``(C, ...)``
+for voxels. Higher always means "more useful to annotate next".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_EPS = 1e-12
+
+
+def entropy(probs: np.ndarray) -> np.ndarray:
+    """Predictive entropy normalised to [0, 1] by ``log(C)``."""
+    p = np.clip(np.asarray(probs, dtype=np.float64), _EPS, 1.0)
+    return -(p * np.log(p)).sum(axis=0) / np.log(p.shape[0])
+
+
+def margin(probs: np.ndarray) -> np.ndarray:
+    """One minus the gap between the two most probable classes (1: a tie, 0: certain)."""
+    top2 = np.sort(np.asarray(probs, dtype=np.float64), axis=0)[-2:]
+    return 1.0 - (top2[1] - top2[0])
+
+
+def least_confidence(probs: np.ndarray) -> np.ndarray:
+    """One minus the top probability, rescaled to [0, 1] by the uniform distribution's value."""
+    p = np.asarray(probs, dtype=np.float64)
+    c = p.shape[0]
+    return (1.0 - p.max(axis=0)) * c / (c - 1)
+
+
+MEASURES = {"entropy": entropy, "margin": margin, "least_confidence": least_confidence}
