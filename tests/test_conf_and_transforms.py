@@ -1,0 +1,96 @@
+"""``--conf`` parsing, label value mapping, intensity transforms and remapping by name."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import REALDATA
+from labelloop_app.conf import ConfError, SegmentationConf, parse_labels, parse_tasks
+from labelloop_app.labels import DEFAULT_SEG_LABELS, remap_by_name
+from labelloop_app.networks import segmentation_network
+from labelloop_app.transforms import LabelValuesToChannelsd, channel_values, intensity_transforms
+from labelloop_app.uncertainty import entropy, least_confidence, margin
+
+
+def test_labels_from_comma_list_json_and_file(tmp_path):
+    assert parse_labels("liver, spleen") == {"liver": 1, "spleen": 2}
+    assert parse_labels('{"liver": 5, "spleen": 1}') == {"liver": 5, "spleen": 1}
+    f = tmp_path / "labels.json"
+    f.write_text(json.dumps({"background": 0, "kidney_left": 3}))
+    assert parse_labels(str(f)) == {"kidney_left": 3}
+    assert parse_labels(None) == DEFAULT_SEG_LABELS
+
+
+def test_labels_from_totalsegmentator_value_to_name_file():
+    labels = parse_labels(str(REALDATA / "totalsegmentator" / "labels.json"))
+    assert labels["spleen"] == 1 and labels["liver"] == 5 and labels["kidney_left"] == 3
+
+
+@pytest.mark.parametrize("bad", ['{"a": 1, "b": 1}', '{"a": 0}', '{"a": 300}', "{oops"])
+def test_bad_labels_rejected(bad):
+    with pytest.raises(ConfError):
+        parse_labels(bad)
+
+
+def test_segmentation_conf_parsing_and_errors():
+    c = SegmentationConf.from_conf({"network": "SegResNet", "modality": "mri", "target_spacing": "1.5", "labels": ""})
+    assert c.network == "segresnet" and c.modality == "MR" and c.target_spacing == (1.5, 1.5, 1.5)
+    assert c.out_channels == 5 and c.channel_of == {"liver": 1, "spleen": 2, "kidney_left": 3, "kidney_right": 4}
+    for bad in ({"network": "vnet"}, {"modality": "PET"}, {"roi_size": "1,2"}, {"restore": "cubic"}):
+        with pytest.raises(ConfError):
+            SegmentationConf.from_conf(bad)
+    with pytest.raises(ConfError):
+        parse_tasks("segmentation,nope")
+
+
+@pytest.mark.parametrize("name", ["unet", "dynunet", "segresnet", "attentionunet"])
+def test_every_network_maps_a_patch_to_class_scores(name):
+    net = segmentation_network(name, out_channels=3).eval()
+    with torch.no_grad():
+        y = net(torch.zeros(1, 1, 32, 32, 32))
+    assert y.shape == (1, 3, 32, 32, 32)
+    assert any(isinstance(m, (torch.nn.Dropout, torch.nn.Dropout3d)) for m in net.modules())
+
+
+def test_label_values_map_to_channels_and_unknown_values_become_background():
+    t = LabelValuesToChannelsd(keys="label", labels={"liver": 5, "spleen": 1})
+    label = torch.tensor([[[[0, 5, 1, 9]]]], dtype=torch.float32)
+    out = t({"label": label})["label"]
+    assert out.flatten().tolist() == [0, 1, 2, 0]
+    np.testing.assert_array_equal(channel_values({"liver": 5, "spleen": 1}), [0, 5, 1])
+
+
+def test_ct_window_and_mr_zscore():
+    ct = intensity_transforms("image", "CT", (-100.0, 100.0))[0]
+    x = ct({"image": torch.tensor([[-1000.0, 0.0, 1000.0]])})["image"]
+    assert x.flatten().tolist() == [0.0, 0.5, 1.0]
+    mr = intensity_transforms("image", "MR", (0, 0))[0]
+    y = mr({"image": torch.tensor([[0.0, 10.0, 20.0, 30.0]])})["image"].flatten()
+    assert y[0] == 0 and abs(float(y[1:].mean())) < 1e-6
+
+
+def test_remap_real_totalsegmentator_reference_by_name():
+    ts_labels = {v: int(k) for k, v in json.loads((REALDATA / "totalsegmentator" / "labels.json").read_text()).items()}
+    seg = sitk.GetArrayFromImage(
+        sitk.ReadImage(str(REALDATA / "totalsegmentator" / "example_seg_fast_force_split.nii.gz"))
+    )
+    ours = remap_by_name(seg, ts_labels, DEFAULT_SEG_LABELS)
+    assert set(np.unique(ours)) <= {0, 1, 2, 3, 4}
+    np.testing.assert_array_equal(ours == 1, seg == ts_labels["liver"])
+    np.testing.assert_array_equal(ours == 3, seg == ts_labels["kidney_left"])
+
+
+def test_uncertainty_measures():
+    certain = np.array([1.0, 0.0, 0.0])
+    tie = np.array([0.5, 0.5, 0.0])
+    uniform = np.full(3, 1 / 3)
+    assert entropy(certain) < 1e-6 and abs(entropy(uniform) - 1.0) < 1e-9
+    assert margin(certain) == 0.0 and margin(tie) == 1.0
+    assert least_confidence(certain) == 0.0 and abs(least_confidence(uniform) - 1.0) < 1e-9
+    voxels = np.stack([np.ones((2, 2)), np.zeros((2, 2))])
+    assert entropy(voxels).shape == (2, 2)
