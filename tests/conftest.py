@@ -59,7 +59,9 @@ def server(tmp_path_factory) -> Iterator[Server]:
     """A LabelLoop server over a temporary copy of small synthetic studies (no model yet)."""
     root = tmp_path_factory.mktemp("server")
     studies = make_studies(root)
-    s = start_server(studies, root / "models", root / "server.log", FAST_CONF)
+    # Scores only on request: background scoring after training would rewrite datastore_v2.json while the
+    # session's tests compare snapshots of the studies folder (tests/test_active_learning.py covers scoring).
+    s = start_server(studies, root / "models", root / "server.log", {**FAST_CONF, "auto_scoring": "false"})
     yield s
     stop_server(s)
 

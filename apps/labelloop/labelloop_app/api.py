@@ -9,10 +9,8 @@ from typing import Callable, Dict, Optional
 
 from fastapi import APIRouter, Depends
 from monailabel.config import settings
-from monailabel.endpoints import batch_infer as batch_infer_endpoint
 from monailabel.endpoints import train as train_endpoint
 from monailabel.endpoints.user.auth import RBAC, User
-from monailabel.interfaces.datastore import DefaultLabelTag
 
 from labelloop_app.errors import NotFound
 
@@ -39,29 +37,22 @@ def build_router(trainers: Callable[[], Dict], infers: Callable[[], Dict]) -> AP
         require("train task", model, trainers())
         return train_endpoint.run_model(model, params, run_sync, enqueue)
 
-    @router.post("/batch/infer/{model}", include_in_schema=False)
-    async def batch_infer(
-        model: str,
-        images: Optional[str] = "all",
-        params: Optional[dict] = None,
-        run_sync: Optional[bool] = False,
-        user: User = admin,
-    ):
-        require("model", model, infers())
-        request = {"save_label": True, "label_tag": DefaultLabelTag.ORIGINAL.value, "logging": "WARNING"}
-        request.update(params or {})
-        return batch_infer_endpoint.run(model, images, request, run_sync)
+    # Batch inference has its own routes: labelloop_app.batch.build_batch_router.
 
     return router
 
 
 def install_routes(trainers: Callable[[], Dict], infers: Callable[[], Dict]) -> bool:
     """Put LabelLoop's routes first in the running server's route table (no-op outside the server process)."""
+    return install_router(build_router(trainers, infers))
+
+
+def install_router(router: APIRouter) -> bool:
+    """Put a router's routes before MONAI Label's own (which they replace); no-op outside the server process."""
     server = sys.modules.get("monailabel.app")
     if server is None or not hasattr(server, "app"):
         return False
     fastapi_app = server.app
-    router = build_router(trainers, infers)
     before = len(fastapi_app.router.routes)
     fastapi_app.include_router(router, prefix=settings.MONAI_LABEL_API_STR)
     added = fastapi_app.router.routes[before:]

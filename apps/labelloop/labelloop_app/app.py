@@ -7,24 +7,27 @@ import os
 import tempfile
 from typing import Dict
 
-import torch
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
-from monailabel.interfaces.tasks.batch_infer import BatchInferTask
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
-from monailabel.tasks.activelearning.first import First
-from monailabel.tasks.activelearning.random import Random
 
 import labelloop_app
-from labelloop_app.api import install_routes, require
-from labelloop_app.conf import SegmentationConf, parse_tasks
+from labelloop_app.activelearning import ActiveLearning, ActiveLearningConf
+from labelloop_app.activelearning import build_router as build_al_router
+from labelloop_app.api import install_router, install_routes, require
+from labelloop_app.batch import InteractiveGate, LabelLoopBatchInfer, build_batch_router
+from labelloop_app.class_labels import ClassLabelCheck, build_classes_router
+from labelloop_app.conf import ClassificationConf, SegmentationConf, parse_tasks
 from labelloop_app.datastore import LabelLoopDatastore, SegmentationLabelCheck, check_name
 from labelloop_app.errors import NotFound
+from labelloop_app.infer_classification import ClassificationInfer
 from labelloop_app.infer_segmentation import SegmentationInfer
-from labelloop_app.networks import segmentation_network
+from labelloop_app.networks import classification_network, segmentation_network
+from labelloop_app.train_classification import ClassificationTrain
 from labelloop_app.train_segmentation import SegmentationTrain
 
 logger = logging.getLogger(__name__)
@@ -34,16 +37,6 @@ def _is_uploaded_file(path: str) -> bool:
     """The infer endpoint stores an uploaded image as a temporary file and passes its path as ``image``."""
     tmp = os.path.realpath(tempfile.gettempdir())
     return os.path.isabs(path) and os.path.dirname(os.path.realpath(path)) == tmp and os.path.isfile(path)
-
-
-class CpuSafeBatchInfer(BatchInferTask):
-    """MONAI Label's batch inference, which divides by the CUDA device count unless told ``multi_gpu=false``."""
-
-    def __call__(self, request, datastore, infer):
-        request = dict(request)
-        if not torch.cuda.is_available():
-            request["multi_gpu"] = False
-        return super().__call__(request, datastore, infer)
 
 
 class LabelLoopApp(MONAILabelApp):
@@ -61,6 +54,23 @@ class LabelLoopApp(MONAILabelApp):
         os.makedirs(self.model_dir, exist_ok=True)
         self.seg_network = segmentation_network(self.seg_conf.network, self.seg_conf.out_channels)
         self.seg_model_path = os.path.join(self.model_dir, f"segmentation_{self.seg_conf.network}.pt")
+        self.cls_conf = ClassificationConf.from_conf(conf)
+        self.cls_model_path = os.path.join(self.model_dir, f"classification_{self.cls_conf.network}.pt")
+        self.cls_network = (
+            classification_network(self.cls_conf.network, len(self.cls_conf.classes), features=self.cls_conf.features)
+            if "classification" in self.tasks
+            else None
+        )
+        self.interactive = InteractiveGate()  # interactive /infer requests in flight; a running batch yields to them
+        self.al = ActiveLearning(  # strategies, leases and background scoring (labelloop_app.activelearning)
+            ActiveLearningConf.from_conf(conf),
+            self.tasks,
+            self.seg_conf,
+            self.seg_model_path,
+            infers=lambda: self._infers,
+            datastore=lambda: self._datastore,
+            wait=self.interactive.wait_idle,
+        )
 
         super().__init__(
             app_dir=app_dir,
@@ -72,6 +82,11 @@ class LabelLoopApp(MONAILabelApp):
             labels=dict(self.seg_conf.labels),
         )
         install_routes(lambda: self._trainers, lambda: self._infers)
+        if isinstance(self._batch_infer, LabelLoopBatchInfer):
+            install_router(build_batch_router(self._batch_infer))
+        install_router(build_al_router(self.al))
+        if "classification" in self.tasks:
+            install_router(build_classes_router(self.cls_conf.classes, self.datastore))
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
@@ -82,12 +97,15 @@ class LabelLoopApp(MONAILabelApp):
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
             label_check=SegmentationLabelCheck(self.seg_conf.labels),
+            class_check=ClassLabelCheck(self.cls_conf.classes) if "classification" in self.tasks else None,
         )
 
     def init_infers(self) -> Dict[str, InferTask]:
         infers: Dict[str, InferTask] = {}
         if "segmentation" in self.tasks:
             infers["segmentation"] = SegmentationInfer(self.seg_conf, self.seg_model_path, self.seg_network)
+        if "classification" in self.tasks:
+            infers["classification"] = ClassificationInfer(self.cls_conf, self.cls_model_path, self.cls_network)
         return infers
 
     def init_trainers(self) -> Dict[str, TrainTask]:
@@ -99,13 +117,41 @@ class LabelLoopApp(MONAILabelApp):
                 network=self.seg_network,
                 publish_path=self.seg_model_path,
             )
+        if "classification" in self.tasks:
+            trainers["classification"] = ClassificationTrain(
+                self.cls_conf,
+                model_dir=os.path.join(self.model_dir, "classification"),
+                network=self.cls_network,
+                publish_path=self.cls_model_path,
+            )
         return trainers
 
-    def init_batch_infer(self):
-        return CpuSafeBatchInfer()
+    def init_batch_infer(self) -> LabelLoopBatchInfer:
+        """In-process batch inference with read-ahead; interactive requests pause it (see labelloop_app.batch)."""
+        return LabelLoopBatchInfer(lambda: self._infers, self.datastore, self.interactive)
 
     def init_strategies(self) -> Dict[str, Strategy]:
-        return {"random": Random(), "first": First()}
+        return self.al.strategies()
+
+    def init_scoring_methods(self) -> Dict[str, ScoringMethod]:
+        return self.al.scoring_methods()
+
+    def async_scoring(self, method, params=None):
+        """In the server: queue scoring in its background thread (MONAI Label calls this after each strategy
+        request and at start-up). Elsewhere (the training subprocess, when training ends): MONAI Label's own,
+        which asks the server over HTTP. ``--conf auto_scoring false`` turns all of it off (scoring on request
+        only)."""
+        if not self.al.conf.auto_scoring:
+            return {}
+        if not self._server_mode:
+            return super().async_scoring(method, params)
+        return self.al.submit(method, params, automatic=True)
+
+    def on_save_label(self, image_id, label_id):
+        """A submitted label (``final`` for segmentation, ``class`` for classification) ends the image's lease."""
+        res = super().on_save_label(image_id, label_id)
+        self.al.on_label_saved(image_id, self.datastore())
+        return res
 
     def infer(self, request, datastore=None):
         require("model", request.get("model", ""), self._infers)
@@ -114,7 +160,8 @@ class LabelLoopApp(MONAILabelApp):
             if not _is_uploaded_file(image):
                 check_name("image id", image)
                 raise NotFound(f"image {image!r} is not in the datastore")
-        return super().infer(request, datastore)
+        with self.interactive.request():
+            return super().infer(request, datastore)
 
     def next_sample(self, request):
         require("strategy", request.get("strategy", ""), self._strategies)

@@ -11,10 +11,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Sequence, Tuple
 
-from labelloop_app.labels import DEFAULT_SEG_LABELS
+from labelloop_app.labels import DEFAULT_CLASSES, DEFAULT_SEG_LABELS
 
-TASKS = ("segmentation",)
+TASKS = ("segmentation", "classification")
 NETWORKS = ("unet", "dynunet", "segresnet", "attentionunet")
+CLS_NETWORKS = ("densenet121", "resnet10", "resnet18")
 MODALITIES = ("CT", "MR")
 
 
@@ -156,3 +157,69 @@ class SegmentationConf:
     @property
     def out_channels(self) -> int:
         return len(self.labels) + 1
+
+
+def parse_modality(value: Any, default: str = "CT") -> str:
+    """``CT`` or ``MR`` (``MRI`` accepted)."""
+    modality = str(value if value not in (None, "") else default).strip().upper()
+    modality = "MR" if modality == "MRI" else modality
+    if modality not in MODALITIES:
+        raise ConfError(f"--conf modality {value!r} is not one of CT, MR")
+    return modality
+
+
+@dataclass
+class ClassificationConf:
+    """Settings of the ``classification`` task (one class per image), from ``--conf``.
+
+    The input is oriented RAS, resampled to ``target_spacing``, cropped to the body and centre-cropped or padded to
+    ``spatial_size``: the whole field of view in one fixed-size volume. 96 x 96 x 64 voxels of 3.5 mm cover a
+    336 x 336 x 224 mm torso, small enough for a 3D DenseNet121 to train on a laptop CPU in minutes.
+    """
+
+    classes: Tuple[str, ...] = tuple(DEFAULT_CLASSES)
+    network: str = "densenet121"
+    modality: str = "CT"
+    target_spacing: Tuple[float, ...] = (3.5, 3.5, 3.5)
+    spatial_size: Tuple[int, ...] = (96, 96, 64)
+    ct_window: Tuple[float, ...] = (-175.0, 250.0)
+    body_threshold: float = -500.0  # HU above which a voxel belongs to the body (MR default: 0)
+    features: Tuple[int, ...] = (32, 16)
+    max_epochs: int = 30
+    batch_size: int = 4
+
+    @classmethod
+    def from_conf(cls, conf: Mapping[str, str]) -> ClassificationConf:
+        """Keys: ``classes``, ``cls_network``, ``modality``, ``cls_spacing``, ``cls_size``, ``cls_ct_window`` (else
+        ``ct_window``), ``cls_body_threshold``, ``cls_features``, ``cls_max_epochs``, ``cls_batch_size``."""
+        network = str(conf.get("cls_network", cls.network)).strip().lower().replace("_", "").replace("-", "")
+        network = {"densenet": "densenet121", "resnet": "resnet10"}.get(network, network)
+        if network not in CLS_NETWORKS:
+            raise ConfError(
+                f"--conf cls_network {conf.get('cls_network')!r} is not one of densenet121, resnet (resnet10), resnet18"
+            )
+        try:
+            classes = tuple(parse_names(conf.get("classes"), DEFAULT_CLASSES))
+        except (ConfError, ValueError) as e:
+            raise ConfError(f"--conf classes: {e}") from e
+        window = conf.get("cls_ct_window", conf.get("ct_window", cls.ct_window))
+        modality = parse_modality(conf.get("modality"), cls.modality)
+        body_default = cls.body_threshold if modality == "CT" else 0.0  # MR: any non-zero voxel
+        features = tuple(int(v) for v in parse_floats(conf.get("cls_features", cls.features), 2, "cls_features"))
+        return cls(
+            classes=classes,
+            network=network,
+            modality=modality,
+            target_spacing=parse_floats(conf.get("cls_spacing", cls.target_spacing), 3, "cls_spacing"),
+            spatial_size=tuple(int(v) for v in parse_floats(conf.get("cls_size", cls.spatial_size), 3, "cls_size")),
+            ct_window=parse_floats(window, 2, "cls_ct_window", positive=False),
+            body_threshold=float(conf.get("cls_body_threshold", body_default)),
+            features=features,
+            max_epochs=int(conf.get("cls_max_epochs", cls.max_epochs)),
+            batch_size=int(conf.get("cls_batch_size", cls.batch_size)),
+        )
+
+    @property
+    def index_of(self) -> Dict[str, int]:
+        """Network output index of each class, in the order the classes were given."""
+        return {name: i for i, name in enumerate(self.classes)}

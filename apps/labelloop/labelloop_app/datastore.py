@@ -18,6 +18,7 @@ import numpy as np
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 
+from labelloop_app.class_labels import CLASS_TAG, ClassLabelCheck, discover_class_labels, save_class_label
 from labelloop_app.errors import BadRequest, Conflict, NotFound, UnprocessableInput
 from labelloop_app.geometry import UnreadableImageError, label_array, read_geometry, read_image
 
@@ -69,7 +70,14 @@ class SegmentationLabelCheck:
 class LabelLoopDatastore(LocalDatastore):
     """:class:`LocalDatastore` with validation and atomic writes; ``label_check`` validates label files."""
 
-    def __init__(self, *args, label_check: Optional[Callable[..., None]] = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        label_check: Optional[Callable[..., None]] = None,
+        class_check: Optional[ClassLabelCheck] = None,
+        **kwargs,
+    ):
+        self.class_check = class_check  # set first: the base class reconciles (and reads class labels) on init
         super().__init__(*args, **kwargs)
         self.label_check = label_check
 
@@ -106,6 +114,13 @@ class LabelLoopDatastore(LocalDatastore):
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
         check_name("label tag", label_tag)
+        if label_tag == CLASS_TAG:  # image-level class: a JSON file, see labelloop_app.class_labels
+            if self.class_check is None:
+                raise BadRequest(
+                    f"'{CLASS_TAG}' labels need the classification task: start the server with "
+                    "--conf tasks classification (or segmentation,classification)"
+                )
+            return save_class_label(self, self.class_check, image_id, label_filename, label_info)
         obj = self._datastore.objects.get(image_id)
         if not obj:
             raise NotFound(f"image {image_id!r} is not in the datastore")
@@ -129,11 +144,19 @@ class LabelLoopDatastore(LocalDatastore):
             self._update_datastore_file(lock=False)
         return image_id
 
+    def _add_non_existing_labels(self, tag) -> int:
+        added = super()._add_non_existing_labels(tag)
+        if tag == CLASS_TAG:
+            added += discover_class_labels(self, getattr(self, "class_check", None))
+        return added
+
     def remove_label(self, label_id: str, label_tag: str) -> None:
         check_name("label tag", label_tag)
         if not self.get_label_uri(label_id, label_tag):
             raise NotFound(f"no {label_tag!r} label for image {label_id!r}")
         super().remove_label(label_id, label_tag)
+        if label_tag == CLASS_TAG and self._auto_reload:
+            self.refresh()  # the file watcher follows image files only, not the class labels' JSON
 
     def remove_image(self, image_id: str) -> None:
         if image_id not in self._datastore.objects:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tempfile
@@ -17,32 +16,10 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from labelloop_app.conf import SegmentationConf
 from labelloop_app.errors import ModelNotTrained, UnprocessableInput
 from labelloop_app.geometry import UnreadableImageError, image_extension, write_image
+from labelloop_app.model_file import ModelFile
 from labelloop_app.transforms import LoadSITKd, RestoreLabelsd, channel_values, intensity_transforms
 
 logger = logging.getLogger(__name__)
-
-
-class ModelFile:
-    """The published model file and a short version string that changes whenever a new model is published."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self._cache: Tuple[float, str] = (-1.0, "")
-
-    def exists(self) -> bool:
-        return os.path.isfile(self.path)
-
-    def version(self) -> str:
-        if not self.exists():
-            return ""
-        mtime = os.stat(self.path).st_mtime
-        if mtime != self._cache[0]:
-            h = hashlib.sha1()
-            with open(self.path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            self._cache = (mtime, h.hexdigest()[:12])
-        return self._cache[1]
 
 
 class SegmentationInfer(BasicInferTask):

@@ -1233,12 +1233,30 @@ Made with:
 - `labels.json`: organ label values ({", ".join(f"{k}={v}" for k, v in SEG_LABELS.items())}).
 - `classification/`: {counts["n_cls"]} studies for liver lesion classification ({", ".join(CLASSES)});
   `classification_truth.json` has the class, lesion radius (mm), contrast (HU) and centre of each;
-  `classification_labeled.json` the {counts["n_cls_labeled"]} cases whose class is known at the start.
+  `classification_labeled.json` the {counts["n_cls_labeled"]} cases whose class is known at the start, also
+  stored as the server's class labels: `classification/labels/class/<id>.json` holding `{{"class": "<name>"}}`.
 - `classification_heldout/`: {counts["n_cls_heldout"]} held-out images + `truth.json`.
 
 Physical coordinates are LPS (SimpleITK/DICOM): the liver lies at negative x (patient right) whatever the
 header orientation (RAS, LPS, LAS, oblique and permuted-axis headers occur on purpose).
 """
+
+
+CLASS_LABEL_DIR = Path("classification", "labels", "class")
+"""Where the labeled classification cases' class labels go: the server's label tag ``class`` (one JSON file per
+image, ``{"class": "<name>"}``; the convention is described in ``labelloop_app.class_labels``)."""
+
+
+def _write_class_labels(out: Path, labeled: dict[str, str]) -> list[str]:
+    """Class labels of the labeled classification cases, as the server reads them; an existing file is kept (it
+    may hold an annotator's correction). Returns their paths relative to ``out``."""
+    files = []
+    for image_id, name in labeled.items():
+        path = out / CLASS_LABEL_DIR / f"{image_id}.json"
+        if not path.is_file():
+            _atomic_json(path, {"class": name})
+        files.append(str(path.relative_to(out)))
+    return files
 
 
 def _clean_stale(folder: Path, pattern: str, keep: set[str]) -> int:
@@ -1294,6 +1312,7 @@ def generate_sample_data(
             previous = None
     if not force and previous and previous.get("params") == params:
         summary = previous.get("summary", {})
+        _write_class_labels(out, summary.get("classification", {}).get("labeled", {}))  # data made before they existed
         if all((out / f).is_file() for f in summary.get("files", [])):
             return {**summary, "out_dir": str(out), "skipped": True}
 
@@ -1377,6 +1396,7 @@ def generate_sample_data(
     _atomic_json(out / "classification_truth.json", {k: truth(v) for k, v in cls_meta.items()})
     labeled = {c["id"]: cls_meta[c["id"]]["class"] for c in cls[:n_cls_labeled]}
     _atomic_json(out / "classification_labeled.json", labeled)
+    class_files = _write_class_labels(out, labeled)
     _atomic_json(out / "classification_heldout" / "truth.json", {k: truth(v) for k, v in cls_ho_meta.items()})
 
     images_changed = previous is None or any(
@@ -1391,6 +1411,8 @@ def generate_sample_data(
     for sub in ("images", "labels"):
         removed += _clean_stale(out / "segmentation_heldout" / sub, "phantom_heldout_*.nii.gz", ho_names)
     removed += _clean_stale(out / "classification", "lesion_*.nii.gz", {f"{c['id']}.nii.gz" for c in cls})
+    class_keep = labeled if images_changed else [c["id"] for c in cls]
+    removed += _clean_stale(out / CLASS_LABEL_DIR, "lesion_*.json", {f"{i}.json" for i in class_keep})
     removed += _clean_stale(
         out / "classification_heldout" / "images", "lesion_heldout_*.nii.gz", {f"{c['id']}.nii.gz" for c in cls_ho}
     )
@@ -1409,6 +1431,7 @@ def generate_sample_data(
         "classification_truth.json",
         "classification_labeled.json",
         "classification_heldout/truth.json",
+        *class_files,
     ]
     n_bytes = sum((out / f).stat().st_size for f in files)
     class_counts = {name: sum(m["class"] == name for m in cls_meta.values()) for name in CLASSES}

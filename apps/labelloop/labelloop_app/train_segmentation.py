@@ -12,6 +12,7 @@ from monai.losses import DiceCELoss
 from monai.transforms import (
     Activationsd,
     AsDiscreted,
+    ClassesToIndicesd,
     EnsureTyped,
     Orientationd,
     RandAffined,
@@ -99,6 +100,7 @@ class SegmentationTrain(BasicTrainTask):
         return [
             *self._deterministic(),
             SpatialPadd(keys=KEYS, spatial_size=self.conf.roi_size),
+            ClassesToIndicesd(keys="label", num_classes=n + 1, indices_postfix="_cls_indices"),  # cached once
             RandCropByLabelClassesd(
                 keys=KEYS,
                 label_key="label",
@@ -106,6 +108,7 @@ class SegmentationTrain(BasicTrainTask):
                 num_classes=n + 1,
                 ratios=[n] + [1] * n,  # half background, half organs, organs equally
                 num_samples=num_samples,
+                indices_key="label_cls_indices",
                 warn=False,
             ),
             RandAffined(

@@ -10,9 +10,14 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import (
+    CropForegroundd,
+    EnsureTyped,
     MapTransform,
     NormalizeIntensityd,
+    Orientationd,
+    ResizeWithPadOrCropd,
     ScaleIntensityRanged,
+    Spacingd,
     Transform,
 )
 
@@ -108,3 +113,39 @@ class RestoreLabelsd(Transform):
         scores_np = scores.detach().cpu().numpy() if torch.is_tensor(scores) else np.asarray(scores)
         d[self.pred_key] = restore_labels(scores_np, source, target, self.values, self.mode)
         return d
+
+
+class Above:
+    """``x > threshold``: the body mask of a CT (threshold in HU) as a picklable ``select_fn``."""
+
+    def __init__(self, threshold: float):
+        self.threshold = float(threshold)
+
+    def __call__(self, x):
+        return x > self.threshold
+
+
+def whole_volume_transforms(
+    key: str,
+    modality: str,
+    ct_window: Sequence[float],
+    spacing: Sequence[float],
+    spatial_size: Sequence[int],
+    body_threshold: float,
+) -> List[Transform]:
+    """A whole volume as one fixed-size network input (image-level tasks such as classification).
+
+    RAS orientation, resampling to ``spacing``, a crop to the body (voxels above ``body_threshold`` before
+    windowing, plus a small margin), CT windowing or MR z-score, then a centred crop or zero pad (air after
+    windowing) to ``spatial_size``. Every step updates the affine, so a map on the result goes back onto the input
+    grid with :func:`labelloop_app.geometry.geometry_from_ras_affine`.
+    """
+    return [
+        LoadSITKd(keys=key),
+        Orientationd(keys=key, axcodes="RAS"),
+        Spacingd(keys=key, pixdim=spacing, mode="bilinear"),
+        CropForegroundd(keys=key, source_key=key, select_fn=Above(body_threshold), margin=2, allow_smaller=True),
+        *intensity_transforms(key, modality, ct_window),
+        ResizeWithPadOrCropd(keys=key, spatial_size=spatial_size, mode="constant"),
+        EnsureTyped(keys=key, dtype=torch.float32),
+    ]

@@ -31,3 +31,20 @@ def least_confidence(probs: np.ndarray) -> np.ndarray:
 
 
 MEASURES = {"entropy": entropy, "margin": margin, "least_confidence": least_confidence}
+
+
+def mutual_information(samples: np.ndarray) -> np.ndarray:
+    """BALD: entropy of the mean prediction minus the mean entropy of the samples, normalised by ``log(C)``.
+
+    ``samples`` has the sample axis first and the class axis second: ``(T, C, ...)`` (MC-dropout passes or
+    test-time augmentations). High where the samples disagree (model uncertainty), low where every sample is
+    equally unsure (noise in the data), which the plain entropy of the mean cannot tell apart.
+    """
+    s = np.asarray(samples, dtype=np.float64)
+    return np.clip(entropy(s.mean(axis=0)) - np.mean([entropy(p) for p in s], axis=0), 0.0, 1.0)
+
+
+def disagreement(labels: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Fraction of the label maps in ``labels`` (``(T, ...)``, e.g. argmax per augmentation) that differ from
+    ``reference`` (``(...)``) at each position: 0 where all agree, 1 where none agrees with the reference."""
+    return (np.asarray(labels) != np.asarray(reference)[None]).mean(axis=0)

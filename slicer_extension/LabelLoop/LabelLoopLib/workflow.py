@@ -965,8 +965,9 @@ class AnnotationSession:
     def submit_class(
         self, class_name: str, image_id: Optional[str] = None, model: Optional[str] = None
     ) -> Dict[str, Any]:
-        """Store an image-level class as the image's ``final`` label: a small JSON file ``{"class": name}``
-        uploaded with ``label_info = {"class": name}``."""
+        """Store an image-level class as the image's ``class`` label (the server's convention, see the README's
+        "Classification"): a small JSON file ``{"class": name}`` uploaded with ``label_info = {"class": name}``.
+        The tag ``class`` keeps it apart from the ``final`` segmentation label, which the image may also have."""
         image_id = self._image_id(image_id)
         server = self._server()
         m = server.models.get(model) if model else server.classification_model
@@ -975,7 +976,7 @@ class AnnotationSession:
         path = os.path.join(self._dir("labels"), f"{safe_file_stem(image_id)}.json")
         with open(path, "w", encoding="utf-8") as f:
             json.dump({"class": class_name}, f)
-        return self.client.save_label(image_id, path, tag="final", label_info={"class": class_name})
+        return self.client.save_label(image_id, path, tag="class", label_info={"class": class_name})
 
     # ------------------------------------------------------------------------------------------- training
 

@@ -1,0 +1,297 @@
+"""Active-learning strategies: which unlabeled image an annotator should label next.
+
+Every strategy sees the same :class:`Pool` (unlabeled images nobody holds, the labeled ones, the current leases and
+the stored per-image scores), returns an ordering of the available images, and leases the first one to the
+caller under the lease lock. Uncertainty strategies fall back to random order, and say so, while there is no
+trained model or no scores yet.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.strategy import Strategy
+
+from labelloop_app.activelearning.leases import Lease, LeaseBook, anonymous_client
+
+
+@dataclass
+class Pool:
+    """What a strategy chooses from, for one task."""
+
+    available: List[str]
+    labeled: List[str]
+    leased: Dict[str, Lease]
+    records: Dict[str, Dict[str, Any]]
+    model_version: str
+
+    @property
+    def unlabeled(self) -> int:
+        return len(self.available) + len(self.leased)
+
+
+@dataclass
+class Pick:
+    """One image in a strategy's order, with the score that put it there."""
+
+    image_id: str
+    score: Optional[float] = None
+    score_name: Optional[str] = None
+    model_version: Optional[str] = None
+    details: Dict[str, Any] = field(default_factory=dict)
+
+
+Order = Tuple[List[Pick], Optional[str]]
+"""Picks best first, and the reason for falling back to random order (None when the strategy's own order)."""
+
+
+def random_order(pool: Pool, rng: Optional[random.Random] = None) -> List[Pick]:
+    ids = list(pool.available)
+    (rng or random).shuffle(ids)
+    return [Pick(i) for i in ids]
+
+
+def no_scores_reason(pool: Pool, task: str, what: str) -> str:
+    if not pool.model_version:
+        return "no trained model yet"
+    return (
+        f"no {what} yet for model {pool.model_version}: scoring runs in the background after training "
+        f"(POST /scoring/{task} starts it)"
+    )
+
+
+def score_order(pool: Pool, key: str, task: str, rng: Optional[random.Random] = None) -> Order:
+    """Highest ``key`` first; images without that score (new images, scoring still running) follow at random."""
+    if not pool.model_version:
+        return random_order(pool, rng), no_scores_reason(pool, task, f"{key} scores")
+    scored = [i for i in pool.available if pool.records.get(i, {}).get(key) is not None]
+    if not scored:
+        return random_order(pool, rng), no_scores_reason(pool, task, f"{key} scores")
+    scored.sort(key=lambda i: (-float(pool.records[i][key]), i))
+    rest = [i for i in pool.available if i not in set(scored)]
+    (rng or random).shuffle(rest)
+    picks = [Pick(i, float(pool.records[i][key]), key, pool.records[i].get("model_version")) for i in scored]
+    return picks + [Pick(i, None, key, None, {"unscored": True}) for i in rest], None
+
+
+def embedding_version(pool: Pool) -> Optional[str]:
+    """Model version whose embeddings cover the most images (the current model wins ties): distances are only
+    meaningful between embeddings of the same network."""
+    counts: Dict[str, int] = {}
+    for record in pool.records.values():
+        if record.get("embedding"):
+            v = record.get("model_version") or ""
+            counts[v] = counts.get(v, 0) + 1
+    if not counts:
+        return None
+    return max(counts, key=lambda v: (counts[v], v == pool.model_version))
+
+
+def kcenter_greedy(
+    candidates: Sequence[str], centers: Sequence[str], embeddings: Dict[str, np.ndarray], k: int
+) -> List[Tuple[str, Optional[float]]]:
+    """Core-set (k-center greedy) selection: repeatedly take the candidate farthest from every centre, then make
+    it a centre, so consecutive picks are never near-duplicates. Features are standardised over candidates and
+    centres. With no centre at all the first pick is the most typical candidate (closest to the mean). Returns
+    (image id, distance to the nearest centre at the time it was picked)."""
+    cands = list(candidates)
+    if not cands or k <= 0:
+        return []
+    x = np.stack([embeddings[i] for i in cands + list(centers)]).astype(np.float64)
+    x = (x - x.mean(axis=0)) / np.maximum(x.std(axis=0), 1e-8)
+    xc, xk = x[: len(cands)], x[len(cands) :]
+    if len(xk):
+        nearest = np.sqrt(((xc[:, None, :] - xk[None, :, :]) ** 2).sum(-1)).min(axis=1)
+    else:
+        nearest = np.full(len(cands), np.inf)
+    taken = np.zeros(len(cands), dtype=bool)
+    out: List[Tuple[str, Optional[float]]] = []
+    for _ in range(min(k, len(cands))):
+        if np.isinf(nearest[~taken]).all():
+            typical = np.sqrt(((xc - xc.mean(axis=0)) ** 2).sum(-1))
+            j = int(np.argmin(np.where(taken, np.inf, typical)))
+            distance = None
+        else:
+            j = int(np.argmax(np.where(taken, -np.inf, nearest)))
+            distance = round(float(nearest[j]), 4)
+        out.append((cands[j], distance))
+        taken[j] = True
+        nearest = np.minimum(nearest, np.sqrt(((xc - xc[j]) ** 2).sum(-1)))
+    return out
+
+
+def _embeddings(pool: Pool, version: Optional[str]) -> Dict[str, np.ndarray]:
+    return {
+        i: np.asarray(r["embedding"], dtype=np.float64)
+        for i, r in pool.records.items()
+        if r.get("embedding") and (r.get("model_version") or "") == version
+    }
+
+
+def diversity_order(pool: Pool, k: int, task: str, rng: Optional[random.Random] = None) -> Order:
+    """k-center greedy in the bottleneck-embedding space; labeled and leased images are the centres."""
+    version = embedding_version(pool)
+    emb = _embeddings(pool, version)
+    cands = [i for i in pool.available if i in emb]
+    if not pool.model_version or not cands:
+        return random_order(pool, rng), no_scores_reason(pool, task, "embeddings")
+    centers = [i for i in list(pool.labeled) + list(pool.leased) if i in emb]
+    chosen = kcenter_greedy(cands, centers, emb, k)
+    picks = [Pick(i, d, "kcenter_distance", version, {"centres": len(centers)}) for i, d in chosen]
+    return picks + _rest(pool, [p.image_id for p in picks], rng), None
+
+
+def hybrid_order(pool: Pool, k: int, task: str, fraction: float, rng: Optional[random.Random] = None) -> Order:
+    """Uncertainty x diversity: the ``fraction`` most uncertain images (MC-dropout entropy) form the pool, and
+    k-center greedy picks among them the one least like anything labeled or leased. The uncertainty filter finds
+    the hard cases; the k-center step keeps a batch from being several copies of the same hard case."""
+    version = embedding_version(pool)
+    emb = _embeddings(pool, version)
+    scored = [i for i in pool.available if pool.records.get(i, {}).get("entropy") is not None and i in emb]
+    if not pool.model_version or not scored:
+        return random_order(pool, rng), no_scores_reason(pool, task, "entropy scores and embeddings")
+    scored.sort(key=lambda i: (-float(pool.records[i]["entropy"]), i))
+    size = min(len(scored), max(2, math.ceil(fraction * len(scored))))
+    top = scored[:size]
+    centers = [i for i in list(pool.labeled) + list(pool.leased) if i in emb]
+    chosen = kcenter_greedy(top, centers, emb, k)
+    picks = [
+        Pick(
+            i,
+            d,
+            "kcenter_distance",
+            version,
+            {"entropy": float(pool.records[i]["entropy"]), "uncertain_pool": size, "centres": len(centers)},
+        )
+        for i, d in chosen
+    ]
+    picked = {p.image_id for p in picks}
+    picks += [
+        Pick(i, float(pool.records[i]["entropy"]), "entropy", version) for i in scored if i not in picked
+    ]  # beyond the pool: most uncertain first
+    return picks + _rest(pool, [p.image_id for p in picks], rng), None
+
+
+def _rest(pool: Pool, taken: Sequence[str], rng: Optional[random.Random]) -> List[Pick]:
+    rest = [i for i in pool.available if i not in set(taken)]
+    (rng or random).shuffle(rest)
+    return [Pick(i, None, None, None, {"unscored": True}) for i in rest]
+
+
+class LeasingStrategy(Strategy):
+    """A MONAI Label strategy that hands out the first image of :meth:`order` and leases it to the caller.
+
+    ``pool`` builds the :class:`Pool` of a task from the datastore and the active leases. Request options:
+    ``client_id`` (who holds the lease; a client holds one image at a time, asking again gives the previous one
+    back). The response carries the score that ranked the image, the model version it was scored with, the lease,
+    and ``fallback``/``reason`` when the strategy could not use its own order.
+    """
+
+    task = "segmentation"
+
+    def __init__(
+        self,
+        name: str,
+        description: str,
+        leases: LeaseBook,
+        pool: Callable[[Datastore, str, Dict[str, Lease]], Pool],
+        rng: Optional[random.Random] = None,
+    ):
+        super().__init__(description)
+        self.name = name
+        self.leases = leases
+        self.pool = pool
+        self.rng = rng or random.Random()
+
+    def info(self) -> Dict[str, Any]:
+        return {"description": self.description, "task": self.task}
+
+    def order(self, pool: Pool, k: int) -> Order:
+        raise NotImplementedError
+
+    def __call__(self, request: Dict[str, Any], datastore: Datastore) -> Optional[Dict[str, Any]]:
+        client = str(request.get("client_id") or "") or anonymous_client()
+        with self.leases.lock:
+            pool = self.pool(datastore, self.task, self.leases.active())
+            picks, reason = self.order(pool, 1)
+            if not picks:
+                return None
+            pick = picks[0]
+            lease = self.leases.take(pick.image_id, client, self.name)
+        result: Dict[str, Any] = {
+            "id": pick.image_id,
+            "score": pick.score,
+            "score_name": pick.score_name,
+            "model_version": pick.model_version,
+            "current_model_version": pool.model_version or None,
+            "client_id": client,
+            "lease": lease.state(),
+            "unlabeled": pool.unlabeled,
+            "available": len(pool.available) - 1,
+        }
+        if reason:
+            result.update({"fallback": "random", "reason": reason})
+        result.update(pick.details)
+        return result
+
+
+class RandomStrategy(LeasingStrategy):
+    def __init__(self, *args, **kwargs):
+        super().__init__("random", "Random unlabeled image", *args, **kwargs)
+
+    def order(self, pool: Pool, k: int) -> Order:
+        return random_order(pool, self.rng), None
+
+
+class FirstStrategy(LeasingStrategy):
+    def __init__(self, *args, **kwargs):
+        super().__init__("first", "First unlabeled image by id", *args, **kwargs)
+
+    def order(self, pool: Pool, k: int) -> Order:
+        return [Pick(i) for i in sorted(pool.available)], None
+
+
+class ScoreStrategy(LeasingStrategy):
+    """Highest stored score ``key`` of ``task`` first."""
+
+    def __init__(self, name: str, description: str, key: str, task: str, *args, **kwargs):
+        super().__init__(name, description, *args, **kwargs)
+        self.key = key
+        self.task = task
+
+    def order(self, pool: Pool, k: int) -> Order:
+        return score_order(pool, self.key, self.task, self.rng)
+
+
+class DiversityStrategy(LeasingStrategy):
+    def __init__(self, *args, **kwargs):
+        super().__init__(
+            "diversity",
+            "Core-set: the image farthest, in the network's bottleneck-embedding space, from every labeled or leased "
+            "image",
+            *args,
+            **kwargs,
+        )
+
+    def order(self, pool: Pool, k: int) -> Order:
+        return diversity_order(pool, k, self.task, self.rng)
+
+
+class HybridStrategy(LeasingStrategy):
+    def __init__(self, *args, fraction: float = 0.5, **kwargs):
+        super().__init__(
+            "hybrid",
+            f"Among the {fraction:.0%} most uncertain images (MC-dropout entropy), the one farthest from every "
+            "labeled or leased image (core-set)",
+            *args,
+            **kwargs,
+        )
+        self.fraction = fraction
+
+    def order(self, pool: Pool, k: int) -> Order:
+        return hybrid_order(pool, k, self.task, self.fraction, self.rng)

@@ -1,0 +1,34 @@
+"""The published model file of a task and the version string clients see for it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Tuple
+
+
+class ModelFile:
+    """The published model file and a short version string that changes whenever a new model is published.
+
+    The version is the start of the file's SHA-1, recomputed only when the modification time changes, so that
+    asking for it on every request costs one ``stat``.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._cache: Tuple[float, str] = (-1.0, "")
+
+    def exists(self) -> bool:
+        return os.path.isfile(self.path)
+
+    def version(self) -> str:
+        if not self.exists():
+            return ""
+        mtime = os.stat(self.path).st_mtime
+        if mtime != self._cache[0]:
+            h = hashlib.sha1()
+            with open(self.path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            self._cache = (mtime, h.hexdigest()[:12])
+        return self._cache[1]

@@ -1,0 +1,453 @@
+"""Simulated annotation study: how many labels each active-learning strategy needs, against random.
+
+    python benchmarks/active_learning.py                     # the recorded study (about 40 min on 2 CPU cores)
+    python benchmarks/active_learning.py --seeds 1 --strategies random,entropy --max-labels 8   # a quick look
+
+The cohort is the sample data's (``cohort_plan("seg", 24)`` and ``cohort_plan("seg_heldout", 8)`` of
+``labelloop_app.synthetic``: the same seeds, orientations, field-of-view cuts and hard cases as ``sample-data/``),
+rendered small (``small=True``, 48-64 voxels per side) so that the whole study fits on a laptop CPU.
+
+An oracle plays the annotators. Each seed starts from ``--initial`` random labeled cases and a model trained on
+them (``--warmup-steps``). Every round: fine-tune for a fixed ``--steps`` (the SegmentationTrain task's
+transforms, loss, optimizer and network, in-process), measure held-out Dice, score the pool with the server's
+``SegmentationScorer`` (MC dropout, TTA, bottleneck embedding at twice the training spacing), let the server's
+strategy classes hand out ``--batch`` images (leases included), reveal their ground truth, repeat up to
+``--max-labels``. The reference is the same warm start fine-tuned on every pool case for the same total steps.
+
+Writes ``benchmarks/results/active_learning.{json,md,png}``: the learning curves (mean and spread over seeds)
+and the labels each strategy needs to reach 95% of the all-labels Dice, relative to random.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Dict, List, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.data import CacheDataset
+from monai.inferers import SlidingWindowInferer
+from monai.transforms import Compose
+
+from labelloop_app.activelearning.leases import LeaseBook
+from labelloop_app.activelearning.segmentation import SegmentationScorer, window_size
+from labelloop_app.activelearning.strategies import (
+    DiversityStrategy,
+    HybridStrategy,
+    Pool,
+    RandomStrategy,
+    ScoreStrategy,
+)
+from labelloop_app.conf import SegmentationConf
+from labelloop_app.networks import segmentation_network
+from labelloop_app.synthetic import SEG_LABELS, cohort_plan, phantom_case
+from labelloop_app.train_segmentation import SegmentationTrain
+
+HERE = Path(__file__).resolve().parent
+STRATEGIES = ("random", "entropy", "tta", "diversity", "hybrid")
+UNCERTAIN = ("entropy", "tta", "hybrid")  # strategies that need full scores of the unlabeled images
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# cohort
+# ------------------------------------------------------------------------------------------------------------------
+def build_cohort(folder: Path, kind: str, n: int, seed: int) -> List[Dict[str, Any]]:
+    """Render the sample data's cohort plan small and write image + ground truth; returns the cases."""
+    cases = []
+    for plan in cohort_plan(kind, n, seed=seed):
+        kw = {k: v for k, v in plan.items() if k != "id"}
+        case = phantom_case(**kw, small=True)
+        image, label = folder / f"{plan['id']}.nii.gz", folder / f"{plan['id']}_label.nii.gz"
+        sitk.WriteImage(case.image, str(image), True)
+        sitk.WriteImage(case.label, str(label), True)
+        status = {name: o["status"] for name, o in case.info["organs"].items()}
+        cases.append({"id": plan["id"], "image": str(image), "label": str(label), "hard": plan["hard"], **status})
+    return cases
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# training and evaluation with the project's SegmentationTrain pieces
+# ------------------------------------------------------------------------------------------------------------------
+class Trainer:
+    """The SegmentationTrain task's transforms, loss and optimizer driven by a plain loop with a fixed step budget
+    (no ignite engine, no checkpoint files: the study trains hundreds of short rounds)."""
+
+    def __init__(self, conf: SegmentationConf, pool: List[Dict], heldout: List[Dict], workdir: Path, lr: float):
+        self.conf = conf
+        self.lr = lr
+        self.task = SegmentationTrain(
+            conf, model_dir=str(workdir / "train"), network=self.new_network(), publish_path=str(workdir / "m.pt")
+        )
+        ctx = SimpleNamespace(request={"num_samples": conf.num_samples, "learning_rate": lr}, network=None)
+        data = [{"image": c["image"], "label": c["label"]} for c in pool]
+        self.index = {c["id"]: i for i, c in enumerate(pool)}
+        self.train_ds = CacheDataset(data, Compose(self.task.train_pre_transforms(ctx)), progress=False)
+        val = Compose(self.task.val_pre_transforms(ctx))
+        self.heldout = [(c, val({"image": c["image"], "label": c["label"]})) for c in heldout]
+        self.loss = self.task.loss_function(ctx)
+
+    def new_network(self) -> torch.nn.Module:
+        return segmentation_network(self.conf.network, self.conf.out_channels)
+
+    def train(self, network: torch.nn.Module, labeled: Sequence[str], steps: int, rng: random.Random) -> float:
+        """``steps`` optimizer steps, each on ``num_samples`` random crops of one random labeled case."""
+        optimizer = self.task.optimizer(SimpleNamespace(request={"learning_rate": self.lr}, network=network))
+        network.train()
+        t0 = time.time()
+        for _ in range(steps):
+            crops = self.train_ds[self.index[rng.choice(list(labeled))]]
+            image = torch.stack([c["image"] for c in crops])
+            label = torch.stack([c["label"] for c in crops])
+            optimizer.zero_grad(set_to_none=True)
+            loss = self.loss(network(image), label)
+            loss.backward()
+            optimizer.step()
+        return time.time() - t0
+
+    def evaluate(self, network: torch.nn.Module) -> Dict[str, Any]:
+        """Held-out Dice per organ at the training spacing (organs absent from a case are not counted)."""
+        network.eval()
+        per_case = []
+        with torch.inference_mode():
+            for case, d in self.heldout:
+                image = d["image"][None]
+                inferer = SlidingWindowInferer(window_size(image.shape[2:], self.conf.roi_size), sw_batch_size=1)
+                pred = inferer(image, network).argmax(1)[0].numpy()
+                ref = d["label"][0].numpy().round().astype(int)
+                dice = {}
+                for channel, name in enumerate(self.conf.labels, start=1):
+                    p, r = pred == channel, ref == channel
+                    if r.any():
+                        dice[name] = 2.0 * float((p & r).sum()) / float(p.sum() + r.sum())
+                per_case.append({"id": case["id"], "hard": case["hard"], "mean": float(np.mean(list(dice.values())))})
+        return {
+            "dice": float(np.mean([c["mean"] for c in per_case])),
+            "dice_hard": float(np.mean([c["mean"] for c in per_case if c["hard"]] or [np.nan])),
+            "dice_easy": float(np.mean([c["mean"] for c in per_case if not c["hard"]] or [np.nan])),
+            "cases": per_case,
+        }
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# one annotation run
+# ------------------------------------------------------------------------------------------------------------------
+def make_strategy(name: str, leases: LeaseBook, pool_fn, rng: random.Random, hybrid_pool: float):
+    """The server's strategy classes, fed by the study's pool instead of a datastore."""
+    args = (leases, pool_fn)
+    if name == "random":
+        return RandomStrategy(*args, rng=rng)
+    if name in ("entropy", "tta"):
+        return ScoreStrategy(name, name, name, "segmentation", *args, rng=rng)
+    if name == "diversity":
+        return DiversityStrategy(*args, rng=rng)
+    if name == "hybrid":
+        return HybridStrategy(*args, fraction=hybrid_pool, rng=rng)
+    raise ValueError(name)
+
+
+def run(
+    strategy: str,
+    seed: int,
+    warm: torch.nn.Module,
+    initial: List[str],
+    trainer: Trainer,
+    scorer: SegmentationScorer,
+    images: Dict[str, torch.Tensor],
+    cases: Dict[str, Dict],
+    args: argparse.Namespace,
+) -> List[Dict[str, Any]]:
+    rng = random.Random(1000 * seed + STRATEGIES.index(strategy))
+    torch.manual_seed(1000 * seed + 17)  # same training noise for every strategy of a seed
+    network = copy.deepcopy(warm)
+    labeled = list(initial)
+    state: Dict[str, Any] = {"records": {}, "version": ""}
+    leases = LeaseBook(3600.0)
+
+    def pool_fn(datastore, task, active) -> Pool:
+        unlabeled = [i for i in cases if i not in labeled]
+        return Pool(
+            available=[i for i in unlabeled if i not in active],
+            labeled=list(labeled),
+            leased={i: lease for i, lease in active.items() if i in unlabeled},
+            records=state["records"],
+            model_version=state["version"],
+        )
+
+    chooser = make_strategy(strategy, leases, pool_fn, rng, args.hybrid_pool)
+    rounds = []
+    for r in range(math.ceil((args.max_labels - args.initial) / args.batch) + 1):
+        train_s = trainer.train(network, labeled, args.steps, rng) if r > 0 else 0.0
+        t0 = time.time()
+        ev = trainer.evaluate(network)
+        eval_s = time.time() - t0
+        row = {"round": r, "labels": len(labeled), **ev, "train_seconds": round(train_s, 1)}
+        row["eval_seconds"] = round(eval_s, 1)
+        if len(labeled) >= args.max_labels:
+            rounds.append(row)
+            break
+        # score with the server's scorer: full scores for unlabeled images, the embedding for labeled ones
+        t0 = time.time()
+        state["version"] = f"seed{seed}-{strategy}-round{r}"
+        state["records"] = {}
+        if strategy != "random":
+            for image_id in cases:
+                embedding_only = image_id in labeled or strategy == "diversity"
+                rec = scorer.score(network, images[image_id], embedding_only=embedding_only)
+                state["records"][image_id] = {**rec, "model_version": state["version"]}
+        row["score_seconds"] = round(time.time() - t0, 1)
+        if strategy in UNCERTAIN:
+            row["entropy_hard_vs_easy"] = _separation(state["records"], cases, [i for i in cases if i not in labeled])
+        picks = []
+        for j in range(min(args.batch, args.max_labels - len(labeled))):
+            answer = chooser({"client_id": f"oracle{j}"}, None)
+            picks.append(answer)
+        for a in picks:
+            leases.release(a["id"])
+        labeled += [a["id"] for a in picks]
+        row["picked"] = [
+            {
+                "id": a["id"],
+                "hard": cases[a["id"]]["hard"],
+                "score": a.get("score"),
+                "entropy": state["records"].get(a["id"], {}).get("entropy"),
+                "fallback": a.get("fallback"),
+            }
+            for a in picks
+        ]
+        rounds.append(row)
+        print(
+            f"  {strategy:9s} seed {seed} labels {row['labels']:2d}: dice {ev['dice']:.3f} "
+            f"(hard {ev['dice_hard']:.3f}) picked {[p['id'][-3:] + ('*' if p['hard'] else '') for p in row['picked']]}"
+            f" train {train_s:.0f}s score {row['score_seconds']:.0f}s",
+            flush=True,
+        )
+    return rounds
+
+
+def _separation(records: Dict[str, Dict], cases: Dict[str, Dict], ids: Sequence[str]) -> Dict[str, Any]:
+    """How well the entropy score tells hard cases from the rest among the scored images (AUC)."""
+    hard = [records[i]["entropy"] for i in ids if cases[i]["hard"] and "entropy" in records.get(i, {})]
+    easy = [records[i]["entropy"] for i in ids if not cases[i]["hard"] and "entropy" in records.get(i, {})]
+    if not hard or not easy:
+        return {}
+    auc = float(np.mean([(h > e) + 0.5 * (h == e) for h in hard for e in easy]))
+    return {"auc_entropy_hard": round(auc, 3), "mean_hard": float(np.mean(hard)), "mean_easy": float(np.mean(easy))}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# summary
+# ------------------------------------------------------------------------------------------------------------------
+def labels_to_reach(curve: Dict[int, float], target: float) -> float | None:
+    """Labels at which a curve first reaches ``target`` (linear interpolation between rounds)."""
+    points = sorted(curve.items())
+    for (l0, d0), (l1, d1) in zip([(None, None)] + points[:-1], points):
+        if d1 >= target:
+            if l0 is None or d0 is None or d1 == d0:
+                return float(l1)
+            return float(l0 + (target - d0) / (d1 - d0) * (l1 - l0))
+    return None
+
+
+def summarise(results: Dict[str, Dict[int, List[Dict]]], reference: List[Dict], fraction: float) -> Dict[str, Any]:
+    ref = float(np.mean([r["dice"] for r in reference]))
+    target = fraction * ref
+    table = {}
+    for strategy, by_seed in results.items():
+        labels = sorted({row["labels"] for rows in by_seed.values() for row in rows})
+        mean = {
+            n: float(np.mean([row["dice"] for rows in by_seed.values() for row in rows if row["labels"] == n]))
+            for n in labels
+        }
+        std = {
+            n: float(np.std([row["dice"] for rows in by_seed.values() for row in rows if row["labels"] == n]))
+            for n in labels
+        }
+        per_seed = [labels_to_reach({row["labels"]: row["dice"] for row in rows}, target) for rows in by_seed.values()]
+        picked = [p for rows in by_seed.values() for row in rows for p in row.get("picked", [])]
+        table[strategy] = {
+            "labels": labels,
+            "mean_dice": mean,
+            "std_dice": std,
+            "labels_to_target": labels_to_reach(mean, target),
+            "labels_to_target_per_seed": per_seed,
+            "hard_fraction_picked": float(np.mean([p["hard"] for p in picked])) if picked else None,
+            "final_dice_hard": float(np.mean([rows[-1]["dice_hard"] for rows in by_seed.values()])),
+        }
+    base = table.get("random", {}).get("labels_to_target")
+    for row in table.values():
+        own = row["labels_to_target"]
+        row["relative_to_random"] = (own / base) if (own is not None and base) else None
+    return {"reference_dice": ref, "target_dice": target, "fraction": fraction, "strategies": table}
+
+
+def plot(summary: Dict[str, Any], reference: List[Dict], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for name, row in summary["strategies"].items():
+        x = np.array(row["labels"])
+        m = np.array([row["mean_dice"][n] for n in row["labels"]])
+        s = np.array([row["std_dice"][n] for n in row["labels"]])
+        (line,) = ax.plot(x, m, "o-", label=name, lw=2 if name != "random" else 2.5)
+        ax.fill_between(x, m - s, m + s, color=line.get_color(), alpha=0.15)
+    ax.axhline(summary["reference_dice"], color="k", ls="--", lw=1, label="all labels")
+    ax.axhline(summary["target_dice"], color="gray", ls=":", lw=1, label=f"{summary['fraction']:.0%} of all labels")
+    ax.set_xlabel("labeled cases")
+    ax.set_ylabel("held-out mean Dice")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def markdown(result: Dict[str, Any]) -> str:
+    s = result["summary"]
+    cfg = result["config"]
+    lines = [
+        "# Active-learning study (simulated annotators)",
+        "",
+        f"`{result['command']}` on {result['machine']}, {result['minutes']:.0f} min.",
+        "",
+        f"Pool of {cfg['pool']} phantoms (the sample data's cohort, rendered small; {cfg['pool_hard']} hard), "
+        f"{cfg['heldout']} held-out ({cfg['heldout_hard']} hard). Start: {cfg['initial']} random labeled cases and "
+        f"a model trained on them for {cfg['warmup_steps']} steps; each round fine-tunes {cfg['steps']} steps, "
+        f"scores the pool and labels {cfg['batch']} more, up to {cfg['max_labels']}. {len(cfg['seeds'])} seeds. "
+        f"Training spacing {cfg['spacing']} mm, scoring at twice that; {cfg['mc_samples']} MC-dropout passes.",
+        "",
+        f"All-labels reference (same warm start and total steps on all {cfg['pool']} cases): "
+        f"Dice **{s['reference_dice']:.3f}**; target = {s['fraction']:.0%} of it = {s['target_dice']:.3f}.",
+        "",
+        "| strategy | labels to reach the target | relative to random | per seed | final Dice | "
+        "final Dice on hard cases | hard cases among picks |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def fmt(v, spec=".1f"):
+        return "not reached" if v is None else format(v, spec)
+
+    for name, row in s["strategies"].items():
+        last = row["labels"][-1]
+        lines.append(
+            f"| {name} | {fmt(row['labels_to_target'])} | {fmt(row['relative_to_random'], '.0%')} | "
+            f"{', '.join(fmt(v, '.0f') for v in row['labels_to_target_per_seed'])} | "
+            f"{row['mean_dice'][last]:.3f} +- {row['std_dice'][last]:.3f} | {row['final_dice_hard']:.3f} | "
+            f"{fmt(row['hard_fraction_picked'], '.0%')} |"
+        )
+    lines += ["", "![learning curves](active_learning.png)", "", *result.get("notes", [])]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--strategies", default="random,entropy,hybrid")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--pool", type=int, default=24)
+    ap.add_argument("--heldout", type=int, default=8)
+    ap.add_argument("--initial", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--max-labels", type=int, default=10)
+    ap.add_argument("--warmup-steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=60, help="fine-tuning steps per round")
+    ap.add_argument("--spacing", type=float, default=6.0, help="training spacing in mm (isotropic)")
+    ap.add_argument("--roi", default="32,32,32")
+    ap.add_argument("--mc-samples", type=int, default=8)
+    ap.add_argument("--hybrid-pool", type=float, default=0.5)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fraction", type=float, default=0.95, help="target: this fraction of the all-labels Dice")
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    args = ap.parse_args(argv)
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown or "random" not in strategies:
+        ap.error(f"strategies must include random and come from {STRATEGIES}; got {unknown or strategies}")
+
+    torch.set_num_threads(args.threads)
+    start = time.time()
+    conf = SegmentationConf(
+        labels=dict(SEG_LABELS),
+        target_spacing=(args.spacing,) * 3,
+        roi_size=tuple(int(v) for v in args.roi.split(",")),
+        num_samples=2,
+        sw_batch_size=2,
+    )
+    scorer = SegmentationScorer(conf, mc_samples=args.mc_samples, spacing_factor=2.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        print("rendering the cohort ...", flush=True)
+        pool = build_cohort(work, "seg", args.pool, seed=0)
+        heldout = build_cohort(work, "seg_heldout", args.heldout, seed=0)
+        cases = {c["id"]: c for c in pool}
+        trainer = Trainer(conf, pool, heldout, work, args.lr)
+        images = {c["id"]: scorer.load_image(c["image"]) for c in pool}
+        print(f"cohort ready in {time.time() - start:.0f}s", flush=True)
+
+        results: Dict[str, Dict[int, List[Dict]]] = {s: {} for s in strategies}
+        reference = []
+        total_steps = args.steps * math.ceil((args.max_labels - args.initial) / args.batch)
+        for seed in range(args.seeds):
+            rng = random.Random(seed)
+            initial = rng.sample(sorted(cases), args.initial)
+            torch.manual_seed(seed)
+            warm = trainer.new_network()
+            t0 = time.time()
+            trainer.train(warm, initial, args.warmup_steps, random.Random(seed))
+            print(f"seed {seed}: initial {initial}, warm start in {time.time() - t0:.0f}s", flush=True)
+            for strategy in strategies:
+                results[strategy][seed] = run(strategy, seed, warm, initial, trainer, scorer, images, cases, args)
+            full = copy.deepcopy(warm)
+            torch.manual_seed(1000 * seed + 17)
+            trainer.train(full, sorted(cases), total_steps, random.Random(seed))
+            reference.append({"seed": seed, **trainer.evaluate(full)})
+            print(f"seed {seed}: all {len(cases)} labels -> dice {reference[-1]['dice']:.3f}", flush=True)
+
+    summary = summarise(results, reference, args.fraction)
+    machine = (
+        f"{platform.processor() or platform.machine()}, {args.threads} torch threads, "
+        f"{'CUDA' if torch.cuda.is_available() else 'CPU only'}"
+    )
+    result = {
+        "command": "python benchmarks/active_learning.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine,
+        "minutes": (time.time() - start) / 60.0,
+        "config": {
+            **{k: v for k, v in vars(args).items() if k != "out"},
+            "seeds": list(range(args.seeds)),
+            "pool_hard": sum(c["hard"] for c in pool),
+            "heldout_hard": sum(c["hard"] for c in heldout),
+            "scoring_spacing": list(scorer.spacing),
+        },
+        "summary": summary,
+        "reference": reference,
+        "runs": results,
+        "cases": pool,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    title = f"{args.pool}-case pool, {len(range(args.seeds))} seeds, {args.steps} steps/round (mean +- std over seeds)"
+    plot(summary, reference, args.out / "active_learning.png", title)
+    for row in result["cases"]:
+        row.pop("image", None), row.pop("label", None)
+    (args.out / "active_learning.json").write_text(json.dumps(result, indent=1, default=float))
+    (args.out / "active_learning.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Batch inference throughput: N volumes through the server's batch inference vs N sequential ``/infer`` calls.
+
+    python benchmarks/batch_throughput.py                  # 20 volumes, default server configuration
+    python benchmarks/batch_throughput.py --images 8 --model path/to/segmentation_unet.pt
+
+Volumes: the first N images of ``sample-data/segmentation`` (``make run`` generates them), else N phantoms of
+realistic size from ``labelloop_app.synthetic.make_phantom``. Weights: ``--model``, else a one-epoch training on
+four small phantoms (speed does not depend on the weights' values). One fresh server on the CPU serves every mode,
+after one warm-up inference that loads the model:
+
+* ``sequential_infer_by_id``: the project's client calls ``/infer`` once per datastore image and downloads each
+  label map (what a script without batch inference does);
+* ``sequential_infer_upload``: the same with the image uploaded in each request (a client holding the files);
+* ``batch_serial``: server-side batch with ``prefetch=0`` (one image after the other in one thread: the model
+  stays loaded, no HTTP, but no overlap);
+* ``batch_pipelined``: server-side batch as it runs by default (read-ahead and write-behind threads).
+
+Writes ``benchmarks/results/batch_throughput.{json,md}``. Target: batch >= 1.5 x sequential ``/infer`` throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from inference_speed import bootstrap_model  # same folder: the one-epoch bootstrap model
+
+from labelloop_app.devserver import Server, peak_rss_mb, start_server, stop_server
+from labelloop_app.synthetic import make_phantom
+from LabelLoopLib.client import LabelLoopClient
+
+HERE = Path(__file__).resolve().parent
+SAMPLE = HERE.parent / "sample-data" / "segmentation"
+TARGET = 1.5
+NOTE = (
+    "Why the target is hard on a 2-core CPU: the network stage alone keeps both cores busy (PyTorch's intra-op "
+    "threads), and restoring the label map onto the input grid uses ITK's threads, so reading the next image while "
+    "the current one is computed leaves little idle CPU to fill; overlap pays where cores or a GPU sit idle during "
+    "I/O and pre-processing. Sequential `/infer` on loopback loses little to HTTP: a compressed label map is about "
+    "100 KB, and an upload of a 10 MB volume costs a fraction of a second. What the batch adds regardless of speed: "
+    "one request for the whole datastore, progress, cancellation, failures isolated per image, no client process. "
+    "Other processes shared this machine during the runs (see the load average), so the rounds differ."
+)
+MODES = ["sequential_infer_by_id", "sequential_infer_upload", "batch_serial", "batch_pipelined"]
+
+
+def volumes(root: Path, n: int, source: Path) -> List[Path]:
+    """N image files in a fresh studies folder (sample data when there is enough, else phantoms)."""
+    studies = root / "studies"
+    studies.mkdir()
+    found = sorted(source.glob("*.nii.gz")) if source.is_dir() else []
+    if len(found) >= n:
+        for path in found[:n]:
+            shutil.copy(path, studies / path.name)
+    else:
+        for i in range(n):
+            image, _ = make_phantom(7000 + i)
+            sitk.WriteImage(image, str(studies / f"phantom_{i:03d}.nii.gz"), useCompression=True)
+    return sorted(studies.glob("*.nii.gz"))
+
+
+def describe(paths: List[Path]) -> Dict:
+    sizes, voxels, mb = [], 0, 0.0
+    for p in paths:
+        r = sitk.ImageFileReader()
+        r.SetFileName(str(p))
+        r.ReadImageInformation()
+        sizes.append(list(r.GetSize()))
+        voxels += r.GetSize()[0] * r.GetSize()[1] * r.GetSize()[2]
+        mb += p.stat().st_size / 1e6
+    return {
+        "count": len(paths),
+        "mean_megavoxels": round(voxels / len(paths) / 1e6, 2),
+        "mean_file_mb": round(mb / len(paths), 1),
+        "example_sizes": sizes[:4],
+    }
+
+
+def sequential(client: LabelLoopClient, paths: List[Path], out: Path, upload: bool) -> Dict:
+    out.mkdir(parents=True, exist_ok=True)
+    times = []
+    start = time.time()
+    for p in paths:
+        t0 = time.time()
+        image_id = p.name[: -len(".nii.gz")]
+        if upload:
+            label, _ = client.infer("segmentation", file=str(p), params={"device": "cpu"}, out_path=out / p.name)
+        else:
+            label, _ = client.infer("segmentation", image_id=image_id, params={"device": "cpu"}, out_path=out / p.name)
+        assert label and Path(label).stat().st_size > 0
+        times.append(time.time() - t0)
+    total = time.time() - start
+    return {"seconds": round(total, 1), "images_per_minute": round(len(paths) / total * 60, 2), "per_image_s": times}
+
+
+def batch(server: Server, client: LabelLoopClient, ids: List[str], prefetch: int) -> Dict:
+    start = time.time()
+    job = client.batch_infer(
+        "segmentation", images="all", params={"images": ids, "device": "cpu", "prefetch": prefetch}
+    )
+    while True:
+        job = client.batch_infer_status()
+        if job["status"] not in ("SUBMITTED", "RUNNING"):
+            break
+        time.sleep(0.5)
+    total = time.time() - start
+    assert job["status"] == "DONE" and job["succeeded"] == len(ids), f"{job}\n{server.log_tail()}"
+    return {
+        "seconds": round(total, 1),
+        "images_per_minute": round(len(ids) / total * 60, 2),
+        "server_elapsed_s": job["elapsed_s"],
+        "stage_seconds": job["stage_seconds"],
+    }
+
+
+def run_mode(name: str, server: Server, client: LabelLoopClient, paths: List[Path], root: Path) -> Dict:
+    ids = [p.name[: -len(".nii.gz")] for p in paths]
+    load_before = os.getloadavg()[0]
+    if name == "sequential_infer_by_id":
+        result = sequential(client, paths, root / name, upload=False)
+    elif name == "sequential_infer_upload":
+        result = sequential(client, paths, root / name, upload=True)
+    else:
+        result = batch(server, client, ids, prefetch=0 if name == "batch_serial" else 1)
+    result.pop("per_image_s", None)
+    result["load_average_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    print(f"{name}: {result['seconds']} s, load {result['load_average_1min']}", flush=True)
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, help="published segmentation_<network>.pt to serve")
+    ap.add_argument("--images", type=int, default=20, help="number of volumes (default: 20)")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds over every mode, order rotated (default: 2)")
+    ap.add_argument("--source", type=Path, default=SAMPLE, help="folder of volumes (default: sample-data/segmentation)")
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"), help="server --conf")
+    args = ap.parse_args(argv)
+    conf = dict(args.conf)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    rounds: List[Dict[str, Dict]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model = args.model or bootstrap_model(root, conf)
+        paths = volumes(root, args.images, args.source)
+        models = root / "models"
+        models.mkdir()
+        shutil.copy(model, models / model.name)
+        server = start_server(root / "studies", models, root / "server.log", conf)
+        client = LabelLoopClient(server.url, timeout=(10.0, 1800.0))
+        try:
+            first = paths[0].name[: -len(".nii.gz")]
+            client.infer("segmentation", image_id=first, params={"device": "cpu"}, out_path=root / "warmup.nii.gz")
+            for r in range(args.rounds):
+                order = MODES[r % len(MODES) :] + MODES[: r % len(MODES)]
+                rounds.append({name: run_mode(name, server, client, paths, root) for name in order})
+            peak = peak_rss_mb(server.process.pid)
+        finally:
+            client.close()
+            stop_server(server)
+        data = describe(paths)
+
+    median = {name: round(float(np.median([r[name]["images_per_minute"] for r in rounds])), 2) for name in MODES}
+    base = median["sequential_infer_by_id"]
+    speedups = {name: round(v / base, 2) for name, v in median.items()}
+    vs_upload = round(median["batch_pipelined"] / median["sequential_infer_upload"], 2)
+    loads = [x for r in rounds for m in r.values() for x in m["load_average_1min"]]
+    result = {
+        "command": (
+            "python benchmarks/batch_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        ).strip(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+        f"{'CUDA available (not used: CPU benchmark)' if torch.cuda.is_available() else 'CPU only'}",
+        "volumes": data,
+        "server_conf": conf,
+        "rounds": rounds,
+        "median_images_per_minute": median,
+        "speedup_vs_sequential_by_id": speedups,
+        "batch_pipelined_vs_sequential_upload": vs_upload,
+        "load_average_1min_range": [min(loads), max(loads)],
+        "server_peak_rss_mb": round(peak),
+        "target": TARGET,
+        "target_met": speedups["batch_pipelined"] >= TARGET,
+    }
+    (args.out / "batch_throughput.json").write_text(json.dumps(result, indent=2))
+    serial = rounds[-1]["batch_serial"]["stage_seconds"]
+    n = data["count"]
+    rows = []
+    for name in MODES:
+        per_round = ", ".join(str(r[name]["seconds"]) for r in rounds)
+        rows.append(f"| {name} | {per_round} | {median[name]} | {speedups[name]} |")
+    lines = [
+        "# Batch inference throughput",
+        "",
+        f"`{result['command']}` on {result['machine']}: {n} volumes, on average {data['mean_megavoxels']} Mvoxels "
+        f"and {data['mean_file_mb']} MB (.nii.gz) each. One server, CPU, model loaded by a warm-up inference. "
+        f"{len(rounds)} round(s) over all modes, order rotated; 1-minute load average during the runs "
+        f"{result['load_average_1min_range'][0]}-{result['load_average_1min_range'][1]}.",
+        "",
+        "| mode | seconds per round | images/min (median) | x sequential /infer |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+        f"Batch (pipelined) vs sequential `/infer` with upload: {vs_upload} x. Target {TARGET} x sequential "
+        f"`/infer`: **{'met' if result['target_met'] else 'missed'}** ({speedups['batch_pipelined']} x). "
+        f"Server peak RSS {result['server_peak_rss_mb']} MB.",
+        "",
+        f"Where the time goes (last serial batch, seconds per image): read + pre-process "
+        f"{serial['read'] / n:.2f}, network {serial['infer'] / n:.2f}, "
+        f"restore + write + store {serial['write'] / n:.2f}.",
+        "",
+        NOTE,
+    ]
+    (args.out / "batch_throughput.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Classification benchmark: train the lesion classifier from scratch within a fixed time budget, then score the
+held-out lesion phantoms.
+
+    python benchmarks/classification.py --minutes 15
+
+Starts a real LabelLoop server (``--conf tasks classification``) over a temporary copy of the sample data's
+classification studies in which every image carries its true class as a class label (tag ``class``), trains
+``classification`` from scratch for ``--minutes``, classifies every ``classification_heldout`` image through the
+server (uploaded, as an unknown scan would be) and reports accuracy, balanced accuracy and ROC AUC, the
+misclassified cases with their lesion radius and contrast, and the sensitivity by lesion size. Writes
+``classification.{json,md,png}`` to ``--out`` (default ``benchmarks/results``; the PNG is the learning curve).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from labelloop_app.class_labels import CLASS_EXT, CLASS_TAG, write_class_label
+from labelloop_app.classification_metrics import classification_report
+from labelloop_app.devserver import start_server, stop_server
+from labelloop_app.synthetic import generate_sample_data
+
+HERE = Path(__file__).resolve().parent
+SIZE_BINS = ((0.0, 5.0), (5.0, 10.0), (10.0, 100.0))
+
+
+def prepare_studies(sample: Path, root: Path) -> Path:
+    """Every classification study with its true class as a class label."""
+    studies = root / "studies"
+    studies.mkdir(parents=True)
+    truth = json.loads((sample / "classification_truth.json").read_text())
+    for image_id, case in truth.items():
+        shutil.copy(sample / "classification" / f"{image_id}.nii.gz", studies / f"{image_id}.nii.gz")
+        write_class_label(str(studies / "labels" / CLASS_TAG / f"{image_id}{CLASS_EXT}"), case["class"])
+    return studies
+
+
+def train_with_progress(server, minutes: float, params: dict) -> dict:
+    r = server.post("/train/classification", json={"max_epochs": 10000, "max_minutes": minutes, **params})
+    r.raise_for_status()
+    start = time.time()
+    with tqdm(total=int(minutes * 60), desc="training", unit="s") as bar:
+        while True:
+            task = server.get("/train/").json()
+            bar.n = min(int(time.time() - start), bar.total)
+            stats = server.info()["train_stats"].get("classification", {})
+            if stats.get("history"):
+                last = stats["history"][-1]
+                bar.set_postfix(epoch=stats["epoch"], loss=f"{last['loss']:.3f}", val_auc=last.get("val_auc"))
+            bar.refresh()
+            if task.get("status") not in ("SUBMITTED", "RUNNING", "QUEUED"):
+                break
+            time.sleep(5)
+    if task.get("status") != "DONE":
+        raise RuntimeError(f"training failed: {task}\n{server.log_tail()}")
+    return server.info()["train_stats"]["classification"]
+
+
+def evaluate(server, sample: Path) -> list:
+    truth = json.loads((sample / "classification_heldout" / "truth.json").read_text())
+    rows = []
+    for image_id, case in tqdm(sorted(truth.items()), desc="held-out inference"):
+        image = sample / "classification_heldout" / "images" / f"{image_id}.nii.gz"
+        t0 = time.time()
+        with open(image, "rb") as f:
+            r = server.post("/infer/classification?output=json", files={"file": (image.name, f)})
+        r.raise_for_status()
+        result = r.json()
+        rows.append(
+            {
+                "case": image_id,
+                "true": case["class"],
+                "predicted": result["class"],
+                "p_lesion": round(result["probabilities"]["lesion"], 4),
+                "lesion_radius_mm": case["lesion_radius_mm"],
+                "contrast_hu": case["contrast_hu"],
+                "seconds": round(time.time() - t0, 2),
+            }
+        )
+    return rows
+
+
+def plot(stats: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = stats["history"]
+    t = np.cumsum([h["seconds"] for h in history]) / 60.0
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, style in (("val_auc", "k-"), ("val_balanced_accuracy", "b-"), ("train_balanced_accuracy", "b:")):
+        ax.plot(t, [h.get(key) if h.get(key) is not None else np.nan for h in history], style, label=key)
+    ax2 = ax.twinx()
+    ax2.plot(t, [h["loss"] for h in history], "r-", alpha=0.4, label="train loss")
+    ax2.set_ylabel("train loss", color="r")
+    ax.set_xlabel("training time (min)")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title(f"LabelLoop {stats['network']} classifier from scratch ({stats['train_images']} train images)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=15.0, help="training time budget")
+    ap.add_argument("--sample-data", type=Path, default=HERE.parent / "sample-data")
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"), help="server --conf")
+    ap.add_argument("--learning-rate", type=float, default=1e-3)
+    args = ap.parse_args(argv)
+
+    generate_sample_data(args.sample_data)
+    args.out.mkdir(parents=True, exist_ok=True)
+    conf = {"tasks": "classification", "auto_scoring": "false", **dict(args.conf)}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        studies = prepare_studies(args.sample_data, root)
+        server = start_server(studies, root / "models", root / "server.log", conf)
+        try:
+            classes = server.info()["models"]["classification"]["config"]["classes"]
+            stats = train_with_progress(server, args.minutes, {"learning_rate": args.learning_rate})
+            rows = evaluate(server, args.sample_data)
+        finally:
+            stop_server(server)
+
+    index = {c: i for i, c in enumerate(classes)}
+    probs = np.array([[1.0 - r["p_lesion"], r["p_lesion"]] for r in rows])
+    report = classification_report(probs, np.array([index[r["true"]] for r in rows]), classes)
+    wrong = [r for r in rows if r["predicted"] != r["true"]]
+    by_size = []
+    for lo, hi in SIZE_BINS:
+        cases = [r for r in rows if r["true"] == "lesion" and lo <= r["lesion_radius_mm"] < hi]
+        found = sum(r["predicted"] == "lesion" for r in cases)
+        by_size.append({"radius_mm": [lo, hi], "lesions": len(cases), "detected": found})
+    best = max(stats["history"], key=lambda h: h.get("val_auc") or 0.0)
+    result = {
+        "command": "python benchmarks/classification.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"{'CUDA' if torch.cuda.is_available() else 'CPU only'}",
+        "budget_minutes": args.minutes,
+        "network": stats["network"],
+        "epochs": stats["epoch"],
+        "train_images": stats["train_images"],
+        "val_images": stats["val_images"],
+        "class_counts": stats["class_counts"],
+        "best_val_auc": best.get("val_auc"),
+        "heldout_cases": len(rows),
+        "heldout_accuracy": report["accuracy"],
+        "heldout_balanced_accuracy": report["balanced_accuracy"],
+        "heldout_auc": report["auc"],
+        "heldout_confusion_matrix": report["confusion_matrix"],
+        "heldout_sensitivity": report["sensitivity"],
+        "heldout_specificity": report["specificity"],
+        "lesion_sensitivity_by_radius": by_size,
+        "misclassified": wrong,
+        "cases": rows,
+    }
+    (args.out / "classification.json").write_text(json.dumps(result, indent=2))
+    plot(stats, args.out / "classification.png")
+    auc = report["auc"]
+    lines = [
+        "# Classification benchmark",
+        "",
+        f"`{result['command']}` on {result['machine']}: {args.minutes:g} min from scratch, {stats['epoch']} epochs "
+        f"of {stats['network']}, {stats['train_images']} training / {stats['val_images']} validation images "
+        f"({', '.join(f'{k}: {v}' for k, v in stats['class_counts'].items())}).",
+        "",
+        f"Held-out ({len(rows)} cases): accuracy **{report['accuracy']:.3f}**, balanced accuracy "
+        f"**{report['balanced_accuracy']:.3f}**, ROC AUC **{auc:.3f}** (target >= 0.95)."
+        if auc is not None
+        else f"Held-out ({len(rows)} cases): accuracy {report['accuracy']:.3f} (one class only: no AUC).",
+        "",
+        "| lesion radius (mm) | lesions | detected |",
+        "|---|---|---|",
+        *[f"| {b['radius_mm'][0]:g}-{b['radius_mm'][1]:g} | {b['lesions']} | {b['detected']} |" for b in by_size],
+        "",
+        "Misclassified:" if wrong else "No case misclassified.",
+        "",
+    ]
+    if wrong:
+        lines += [
+            "| case | true | predicted | p(lesion) | lesion radius (mm) | contrast (HU) |",
+            "|---|---|---|---|---|---|",
+            *[
+                f"| {r['case']} | {r['true']} | {r['predicted']} | {r['p_lesion']:.3f} | {r['lesion_radius_mm']:g} "
+                f"| {r['contrast_hu']:g} |"
+                for r in wrong
+            ],
+            "",
+        ]
+    lines.append("![learning curve](classification.png)")
+    (args.out / "classification.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

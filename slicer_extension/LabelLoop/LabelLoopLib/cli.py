@@ -1,0 +1,588 @@
+"""The ``labelloop`` command line: drive a LabelLoop server from a terminal or a script.
+
+It talks to the server only through :class:`LabelLoopLib.client.LabelLoopClient` (the client the Slicer module
+uses) and reuses the Slicer-free workflow for submitting and training, so a terminal and Slicer behave alike.
+
+The server is ``--server URL``, else the ``LABELLOOP_SERVER`` environment variable, else http://127.0.0.1:8000.
+
+Exit codes:
+  0  success
+  1  the server refused a request or answered with an error, a task failed or was stopped, or the
+     command could not finish (e.g. a label map that cannot be read, a missing Python package)
+  2  usage error: bad arguments or a local file that does not exist
+  3  the server is not reachable
+  4  finished, but some images failed (batch inference, evaluate)
+  130  interrupted (Ctrl-C); a batch or training already started keeps running on the server
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+from LabelLoopLib.client import LabelLoopClient, LabelLoopError, ServerError, ServerUnreachable
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_PARTIAL = 4
+EXIT_INTERRUPTED = 130
+
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+SELECTIONS = ("all", "unlabeled", "labeled")
+RUNNING = ("SUBMITTED", "RUNNING", "QUEUED")
+
+
+class UsageError(Exception):
+    """Bad arguments or a missing local file (exit code 2)."""
+
+
+class CommandFailed(Exception):
+    """The command ran but its result is a failure; ``code`` is the exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR):
+        super().__init__(message)
+        self.code = code
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+def _out(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _err(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _progress(args: argparse.Namespace, **kw: Any):
+    """A tqdm bar on stderr (``--quiet`` hides it)."""
+    from tqdm import tqdm
+
+    return tqdm(file=sys.stderr, disable=args.quiet, dynamic_ncols=True, **kw)
+
+
+def _params(items: Optional[Sequence[str]]) -> Dict[str, Any]:
+    """``KEY=VALUE`` pairs; values are read as JSON when they parse (numbers, true/false, lists), else text."""
+    out: Dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--param expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
+
+
+def _existing_file(path: str) -> str:
+    if not os.path.isfile(path):
+        raise UsageError(f"no such file: {path}")
+    return path
+
+
+def _objects(client: LabelLoopClient) -> Dict[str, Any]:
+    """Every datastore object ``{image id: {"image": ..., "labels": {tag: ...}}}``."""
+    data = client.datastore("all")
+    return dict((data or {}).get("objects") or {}) if isinstance(data, dict) else {}
+
+
+def _with_tag(objects: Dict[str, Any], tag: str, images: Optional[Sequence[str]] = None) -> List[str]:
+    ids = [i for i, o in sorted(objects.items()) if tag in ((o or {}).get("labels") or {})]
+    if images:
+        unknown = [i for i in images if i not in objects]
+        if unknown:
+            raise CommandFailed(f"unknown image id(s): {', '.join(unknown)}")
+        ids = [i for i in images if i in ids]
+    return ids
+
+
+def _fmt_float(value: Any, digits: int = 3) -> str:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return "-"
+    return "-" if v != v else f"{v:.{digits}f}"
+
+
+# ------------------------------------------------------------------------------------------------- status
+
+
+def cmd_status(client: LabelLoopClient, args: argparse.Namespace) -> int:
+    from LabelLoopLib.workflow import ServerInfo, training_from_stats
+
+    info = client.info()
+    train_task = client.train_status()
+    batch = client.batch_infer_status()
+    if args.json:
+        _out(json.dumps({"server": client.server_url, "info": info, "train": train_task, "batch": batch}, indent=2))
+        return EXIT_OK
+    server = ServerInfo.from_info(info)
+    _out(f"Server      {client.server_url}  ({server.name} {server.version})")
+    _out(f"Structures  {', '.join(f'{n}={v}' for n, v in server.labels.items()) or 'none'}")
+    for name, m in server.models.items():
+        state = {True: "trained", False: "not trained yet", None: "ready"}[m.trained]
+        version = f", version {m.model_version}" if m.model_version else ""
+        conf = ", ".join(str(m.config[k]) for k in ("network", "modality") if m.config.get(k))
+        _out(f"Model       {name} ({m.type}{', ' + conf if conf else ''}): {state}{version}")
+    _out(f"Strategies  {', '.join(server.strategies) or 'none'}")
+    ds = server.datastore
+    tags = ", ".join(f"{t} {n}" for t, n in sorted(ds.label_tags.items()))
+    _out(f"Datastore   {ds.completed}/{ds.total} images labeled (final)" + (f"; labels by tag: {tags}" if tags else ""))
+    task = train_task if isinstance(train_task, dict) else {}
+    task_model = (task.get("request") or {}).get("model")  # the latest training task may be another model's
+    for name in server.trainers:
+        progress = training_from_stats(server.train_stats.get(name, {}), list(server.labels))
+        status = str(task.get("status", "")) if task_model in (None, name) else ""
+        if not progress.total_epochs and not status:
+            _out(f"Training    {name}: no training yet")
+            continue
+        parts = [f"{name}: {status.lower() or 'last run'}"]
+        if progress.total_epochs:
+            parts.append(f"epoch {progress.epoch}/{progress.total_epochs}")
+        if progress.loss is not None:
+            parts.append(f"loss {progress.loss:.4f}")
+        if progress.mean_dice is not None:
+            parts.append(f"mean Dice {progress.mean_dice:.3f}")
+        _out("Training    " + " | ".join(parts))
+        if progress.dice:
+            _out("            Dice: " + ", ".join(f"{k} {_fmt_float(v)}" for k, v in progress.dice.items()))
+    if isinstance(batch, dict):
+        _out("Batch       " + _batch_line(batch))
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------- batch
+
+
+def _batch_line(job: Dict[str, Any]) -> str:
+    status = str(job.get("status", "?"))
+    done, total = job.get("done", 0), job.get("total", 0)
+    failed = job.get("failed") or []
+    text = f"{status}: {done}/{total} images, {len(failed)} failed, model {job.get('model', '?')!r}"
+    text += f" on {job.get('device', '?')}, {_fmt_float(job.get('elapsed_s'), 1)} s"
+    if status in RUNNING and job.get("current"):
+        text += f", now {job['current']}"
+    return text
+
+
+def _print_batch_result(job: Dict[str, Any]) -> int:
+    status = str(job.get("status", ""))
+    failed = job.get("failed") or []
+    ok = int(job.get("succeeded", 0))
+    rate = job.get("images_per_minute") or 0
+    _out(
+        f"{status}: {ok}/{job.get('total', 0)} images stored as {job.get('label_tag', 'original')!r} "
+        f"in {_fmt_float(job.get('elapsed_s'), 1)} s ({_fmt_float(rate, 1)} images/min), {len(failed)} failed"
+    )
+    for f in failed:
+        _out(f"  failed {f.get('image')}: {f.get('error')}")
+    if status == "DONE":
+        return EXIT_PARTIAL if failed else EXIT_OK
+    raise CommandFailed(f"batch inference {status.lower()}" + (f": {job.get('error')}" if job.get("error") else ""))
+
+
+def _selection(values: Sequence[str]) -> Any:
+    if len(values) == 1 and values[0].lower() in SELECTIONS:
+        return values[0].lower()
+    mixed = [v for v in values if v.lower() in SELECTIONS]
+    if mixed:
+        raise UsageError(f"--images takes either one of {', '.join(SELECTIONS)} or image ids, not both")
+    return list(dict.fromkeys(values))
+
+
+def cmd_batch_infer(client: LabelLoopClient, args: argparse.Namespace) -> int:
+    selection = _selection(args.images)
+    params = _params(args.param)
+    if args.device:
+        params["device"] = args.device
+    if isinstance(selection, list):
+        params["images"] = selection
+        query = "all"
+    else:
+        query = selection
+    job = client.batch_infer(args.model, images=query, params=params)
+    total = int(job.get("total", 0))
+    _out(f"batch {str(job.get('id', ''))[:8]}: {total} image(s) with model {args.model!r} on {job.get('device')}")
+    if not args.wait:
+        _out("follow it with: labelloop batch-status   (stop it with: labelloop batch-stop)")
+        return EXIT_OK
+    return _wait_batch(client, args, str(job.get("id", "")), total)
+
+
+def _wait_batch(client: LabelLoopClient, args: argparse.Namespace, job_id: str, total: int) -> int:
+    bar = _progress(args, total=total, unit="image", desc="batch")
+    try:
+        while True:
+            job = client.batch_infer_status()
+            if not isinstance(job, dict) or (job_id and job.get("id") != job_id):
+                raise CommandFailed("the batch disappeared from the server (was it restarted?)")
+            bar.n = int(job.get("done", 0))
+            bar.set_postfix_str(f"failed {len(job.get('failed') or [])}, now {job.get('current') or '-'}")
+            bar.refresh()
+            if job.get("status") not in RUNNING:
+                break
+            time.sleep(args.poll)
+    except KeyboardInterrupt:
+        bar.close()
+        _err("stopped waiting; the batch keeps running on the server (labelloop batch-status / batch-stop)")
+        raise
+    bar.close()
+    return _print_batch_result(job)
+
+
+def cmd_batch_status(client: LabelLoopClient, args: argparse.Namespace) -> int:
+    job = client.batch_infer_status()
+    if not isinstance(job, dict):
+        _out("no batch inference has run since the server started")
+        return EXIT_OK
+    if args.json:
+        _out(json.dumps(job, indent=2))
+        return EXIT_OK
+    _out(_batch_line(job))
+    for f in job.get("failed") or []:
+        _out(f"  failed {f.get('image')}: {f.get('error')}")
+    return EXIT_OK
+
+
+def cmd_batch_stop(client: LabelLoopClient, args: argparse.Namespace) -> int:
+    job = client.batch_infer_stop()
+    if not isinstance(job, dict):
+        _out("no batch inference is running")
+        return EXIT_OK
+    _out(f"{job.get('status')}: {job.get('done', 0)}/{job.get('total', 0)} images were done when it stopped")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------- annotation
+
+
+def cmd_next(client: LabelLoopClient, args: argparse.Namespace) -> int:
+    answer = client.next_sample(args.strategy)
+    image_id = answer.get("id") if isinstance(answer, dict) else None
+    if not image_id:
+        _err("no image is left to label")
+        return EXIT_OK
+    _out(str(image_id))
+    if args.download:
+        os.makedirs(args.download, exist_ok=True)
+        _out(client.download_image(str(image_id), os.path.join(args.download, "")))
+    return EXIT_OK
+
+
+def cmd_upload(client: LabelLoopClient, args: argparse.Namespace) -> int:
+    if args.id and len(args.files) > 1:
+        raise UsageError("--id names one image: upload one file at a time with it")
+    for path in args.files:
+        _existing_file(path)
+    for path in args.files:
+        image_id = client.upload_image(path, image_id=args.id)
+        _out(f"{image_id}\t{path}")
+    return EXIT_OK
+
+
+def cmd_submit(client: LabelLoopClient, args: argparse.Namespace) -> int:
+    from LabelLoopLib.workflow import AnnotationSession
+
+    _existing_file(args.label_file)
+    cache = tempfile.mkdtemp(prefix="labelloop-submit-")
+    try:
+        session = AnnotationSession(client, cache_dir=cache)
+        session.connect()
+        result = session.submit(
+            args.label_file,
+            image_id=args.image_id,
+            drop_unknown=args.drop_unknown,
+            allow_empty=args.allow_empty,
+            tag=args.tag,
+        )
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    voxels = ", ".join(f"{n} {v}" for n, v in result.voxels_per_name.items() if v) or "empty"
+    _out(f"stored {args.tag!r} label for {result.image_id}: {voxels} voxels")
+    if result.dropped_names:
+        _out(f"dropped segments the server does not know: {', '.join(result.dropped_names)}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------- training
+
+
+def cmd_train(client: LabelLoopClient, args: argparse.Namespace) -> int:
+    from LabelLoopLib.workflow import AnnotationSession
+
+    params = _params(args.param)
+    if args.epochs is not None:
+        params["max_epochs"] = args.epochs
+    if args.minutes is not None:
+        params["max_minutes"] = args.minutes
+    session = AnnotationSession(client, cache_dir=tempfile.gettempdir())
+    server = session.connect()
+    model = args.model or (server.trainers[0] if server.trainers else "")
+    if not model:
+        raise CommandFailed("the server has no train task")
+    task = session.train_start(model, params)
+    _out(f"training {model!r} started (task {str(task.get('id', ''))[:8]})")
+    if not args.wait:
+        _out("follow it with: labelloop status")
+        return EXIT_OK
+    bar = _progress(args, total=int(params.get("max_epochs") or 0) or None, unit="epoch", desc="train")
+    try:
+        while True:
+            progress = session.poll_training(model)
+            if progress.total_epochs:
+                bar.total = progress.total_epochs
+            bar.n = progress.epoch
+            post = []
+            if progress.loss is not None:
+                post.append(f"loss {progress.loss:.4f}")
+            if progress.mean_dice is not None:
+                post.append(f"Dice {progress.mean_dice:.3f}")
+            bar.set_postfix_str(", ".join(post))
+            bar.refresh()
+            if not progress.running:
+                break
+            time.sleep(args.poll)
+    except KeyboardInterrupt:
+        bar.close()
+        _err("stopped waiting; training keeps running on the server (labelloop status)")
+        raise
+    bar.close()
+    _out(progress.summary())
+    if progress.dice:
+        _out("Dice: " + ", ".join(f"{k} {_fmt_float(v)}" for k, v in progress.dice.items()))
+    if progress.state != "done":
+        detail = progress.details[-1] if progress.details else ""
+        raise CommandFailed(f"training {progress.state}" + (f": {detail}" if detail else ""))
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------- export, evaluate
+
+
+def cmd_export(client: LabelLoopClient, args: argparse.Namespace) -> int:
+    labels = client.label_map()
+    ids = _with_tag(_objects(client), args.tag, args.images)
+    os.makedirs(args.out, exist_ok=True)
+    for image_id in _progress(args, iterable=ids, unit="label", desc="export"):
+        client.download_label(image_id, args.tag, os.path.join(args.out, ""))
+    with open(os.path.join(args.out, "labels.json"), "w") as f:
+        json.dump(labels, f, indent=2)
+    _out(f"exported {len(ids)} {args.tag!r} label(s) to {args.out} (name -> value map in labels.json)")
+    return EXIT_OK
+
+
+def cmd_evaluate(client: LabelLoopClient, args: argparse.Namespace) -> int:
+    from LabelLoopLib import evaluation
+
+    if args.pred_tag == args.ref_tag:
+        raise UsageError("--pred-tag and --ref-tag must differ")
+    labels = client.label_map()
+    if args.labels:
+        unknown = [n for n in args.labels if n not in labels]
+        if unknown:
+            raise UsageError(f"unknown structure(s) {', '.join(unknown)}; the server has: {', '.join(labels)}")
+        labels = {n: labels[n] for n in args.labels}
+    objects = _objects(client)
+    ids = [i for i in _with_tag(objects, args.ref_tag, args.images) if args.pred_tag in objects[i].get("labels", {})]
+    if not ids:
+        raise CommandFailed(f"no image has both a {args.pred_tag!r} and a {args.ref_tag!r} label")
+    scores, problems = [], []
+    tmp = tempfile.mkdtemp(prefix="labelloop-evaluate-")
+    try:
+        for image_id in _progress(args, iterable=ids, unit="image", desc="evaluate"):
+            pred = client.download_label(image_id, args.pred_tag, os.path.join(tmp, "pred", ""))
+            ref = client.download_label(image_id, args.ref_tag, os.path.join(tmp, "ref", ""))
+            try:
+                scores.extend(evaluation.score_files(pred, ref, labels, labels, image=image_id))
+            except evaluation.EvaluationError as e:
+                problems.append(f"{image_id}: {e}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _out(f"{args.pred_tag} vs {args.ref_tag}, structures matched by name: {', '.join(labels)}")
+    if scores:
+        _out(evaluation.format_summary(scores, worst=args.worst))
+    if args.out:
+        evaluation.write_csv(scores, args.out)
+        _out(f"per-image metrics: {args.out}")
+    if args.plot and scores:
+        evaluation.box_plot(scores, args.plot, title=f"{args.pred_tag} vs {args.ref_tag}")
+        _out(f"box plot: {args.plot}")
+    for p in problems:
+        _err(f"skipped {p}")
+    if problems:
+        if not scores:
+            raise CommandFailed(f"no image could be evaluated ({len(problems)} skipped)")
+        return EXIT_PARTIAL
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--server",
+        default=argparse.SUPPRESS,
+        help=f"server address (default: $LABELLOOP_SERVER, else {DEFAULT_SERVER})",
+    )
+    common.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+
+    parser = argparse.ArgumentParser(
+        prog="labelloop",
+        description="Drive a LabelLoop server: status, batch inference, annotation, training, export, evaluation.",
+        epilog="Exit codes:" + __doc__.split("Exit codes:", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--server",
+        default=os.environ.get("LABELLOOP_SERVER") or DEFAULT_SERVER,
+        help=f"server address (default: $LABELLOOP_SERVER, else {DEFAULT_SERVER}); also accepted after COMMAND",
+    )
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str, description: str = "") -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], help=help_text, description=description or help_text)
+
+    p = command("status", "server, models, strategies, datastore progress and the last training's metrics")
+    p.add_argument("--json", action="store_true", help="print the raw answers as JSON")
+    p.set_defaults(func=cmd_status)
+
+    p = command(
+        "batch-infer",
+        "run a model on many datastore images; results are stored as 'original' labels",
+        "Run a model on many datastore images inside the server (the model stays loaded, the next image is read "
+        "while the current one is computed). Results are stored as 'original' labels; 'final' labels are never "
+        "touched. Exit code 4 when some images failed.",
+    )
+    p.add_argument("--model", default="segmentation", help="infer task (default: segmentation)")
+    p.add_argument(
+        "--images",
+        nargs="+",
+        default=["unlabeled"],
+        metavar="SEL",
+        help="all | unlabeled (no final label) | labeled | one or more image ids (default: unlabeled)",
+    )
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: a GPU when there is one; CPU fallback)")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="extra inference parameter (repeatable)")
+    p.add_argument("--wait", action="store_true", help="show a progress bar and wait for the end")
+    p.add_argument("--poll", type=float, default=1.0, help="seconds between progress checks (default: 1)")
+    p.set_defaults(func=cmd_batch_infer)
+
+    p = command("batch-status", "progress of the latest batch inference (done/total, current image, failures)")
+    p.add_argument("--json", action="store_true", help="print the server's full progress record")
+    p.set_defaults(func=cmd_batch_status)
+
+    p = command("batch-stop", "cancel the running batch inference (labels already stored are kept)")
+    p.set_defaults(func=cmd_batch_stop)
+
+    p = command("next", "print the id of the next image to annotate (empty output when none is left)")
+    p.add_argument("--strategy", default="random", help="active learning strategy (default: random)")
+    p.add_argument("--download", metavar="DIR", help="also download the image into DIR and print its path")
+    p.set_defaults(func=cmd_next)
+
+    p = command("upload", "add image files to the datastore; prints 'ID<TAB>FILE' per image")
+    p.add_argument("files", nargs="+", metavar="FILE", help="NIfTI, NRRD or MHA image")
+    p.add_argument("--id", help="image id (one file only; default: the file name without extension)")
+    p.set_defaults(func=cmd_upload)
+
+    p = command(
+        "submit",
+        "store a corrected label for an image (segments matched to the server's structures by name)",
+        "Store a corrected label for an image. LABEL_FILE is a .seg.nrrd (segments matched to the server's "
+        "structures by name) or a label map already in the server's values.",
+    )
+    p.add_argument("image_id", metavar="IMAGE_ID")
+    p.add_argument("label_file", metavar="LABEL_FILE")
+    p.add_argument("--tag", default="final", help="label tag (default: final)")
+    p.add_argument("--drop-unknown", action="store_true", help="leave out segments the server does not know")
+    p.add_argument("--allow-empty", action="store_true", help="store an empty label map")
+    p.set_defaults(func=cmd_submit)
+
+    p = command("train", "start training (fine-tunes the served model; the new one is served when published)")
+    p.add_argument("--model", help="train task (default: the server's first)")
+    p.add_argument("--epochs", type=int, help="max_epochs")
+    p.add_argument("--minutes", type=float, help="time budget (max_minutes)")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="extra training parameter (repeatable)")
+    p.add_argument("--wait", action="store_true", help="show a progress bar per epoch and wait for the end")
+    p.add_argument("--poll", type=float, default=2.0, help="seconds between progress checks (default: 2)")
+    p.set_defaults(func=cmd_train)
+
+    p = command("export", "download every label of a tag into a folder (plus labels.json: name -> value)")
+    p.add_argument("--tag", default="final", help="final or original (default: final)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--images", nargs="+", metavar="ID", help="only these images")
+    p.set_defaults(func=cmd_export)
+
+    p = command(
+        "evaluate",
+        "compare two label tags: Dice, HD95 (mm) and volume difference per image and structure",
+        "Compare two label tags image by image and structure by structure (matched by name through the server's "
+        "name -> value map): Dice, 95th-percentile Hausdorff distance in mm (voxel spacing respected) and volume "
+        "difference in mL and %. Prints a summary (mean, median, worst cases); writes a CSV and a box plot.",
+    )
+    p.add_argument("--pred-tag", default="original", help="tag of the labels to evaluate (default: original)")
+    p.add_argument("--ref-tag", default="final", help="tag of the reference labels (default: final)")
+    p.add_argument("--out", metavar="CSV", help="write per-image, per-structure metrics to this CSV")
+    p.add_argument("--plot", metavar="PNG", help="write box plots of Dice and HD95 per structure")
+    p.add_argument("--images", nargs="+", metavar="ID", help="only these images")
+    p.add_argument("--labels", nargs="+", metavar="NAME", help="only these structures")
+    p.add_argument("--worst", type=int, default=3, help="how many worst cases to list (default: 3)")
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one command; returns the exit code (see the module docstring)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        client = LabelLoopClient(args.server)
+    except ValueError as e:
+        _err(f"labelloop: error: {e}")
+        return EXIT_USAGE
+    from LabelLoopLib.workflow import describe_error
+
+    try:
+        with client:
+            return int(args.func(client, args))
+    except UsageError as e:
+        _err(f"labelloop {args.command}: error: {e}")
+        return EXIT_USAGE
+    except ServerUnreachable as e:
+        _err(f"labelloop: {e}")
+        return EXIT_UNREACHABLE
+    except CommandFailed as e:
+        _err(f"labelloop {args.command}: {e}")
+        return e.code
+    except (ServerError, LabelLoopError) as e:
+        _err(f"labelloop {args.command}: {describe_error(e)}")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        _err("labelloop: interrupted")
+        return EXIT_INTERRUPTED
+    except Exception as e:  # expected failures (evaluation, local files, a missing package): no traceback
+        from LabelLoopLib.evaluation import EvaluationError
+
+        if isinstance(e, EvaluationError):
+            _err(f"labelloop {args.command}: {e}")
+            return EXIT_ERROR
+        if isinstance(e, (OSError, ImportError)):
+            _err(f"labelloop {args.command}: {describe_error(e)}")
+            return EXIT_ERROR
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

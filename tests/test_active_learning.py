@@ -1,0 +1,367 @@
+"""Active learning through a real server: strategies, leases, background scoring, the ranked queue.
+
+The module starts its own server over small phantoms (3 labeled, 8 unlabeled) with short leases and a small
+scoring cap, first without a model (the fallback), then with the session's trained model copied in (no training
+here), so the session server's datastore is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import FAST_CONF, SMALL, datastore_json, start_server, stop_server, write_case
+from labelloop_app.activelearning.config import ActiveLearningConf
+from labelloop_app.activelearning.leases import LeaseBook
+from labelloop_app.activelearning.manager import ActiveLearning
+from labelloop_app.class_labels import ClassLabelCheck
+from labelloop_app.datastore import LabelLoopDatastore
+from labelloop_app.model_file import ModelFile
+
+pytestmark = pytest.mark.server
+
+N_LABELED, N_UNLABELED = 3, 8
+LEASE_SECONDS = 8
+SCORING_CAP = 6
+UNCERTAINTY = ("entropy", "tta", "diversity", "hybrid")
+STRATEGIES = ("random", "first", *UNCERTAINTY)
+SCORE_NAMES = {"entropy": "entropy", "tta": "tta", "diversity": "kcenter_distance", "hybrid": "kcenter_distance"}
+
+
+@pytest.fixture(scope="module")
+def al(tmp_path_factory):
+    root = tmp_path_factory.mktemp("active_learning")
+    studies = root / "studies"
+    for i in range(N_LABELED + N_UNLABELED):
+        labeled = i < N_LABELED
+        # every 4th case is a hard one (small organs, low contrast, noise), as in the sample data
+        write_case(
+            studies,
+            f"al_{i:03d}",
+            seed=500 + i,
+            label_dir=studies / "labels" / "final" if labeled else None,
+            hard=i % 4 == 3,
+            **SMALL,
+        )
+    conf = {
+        **FAST_CONF,
+        "lease_seconds": str(LEASE_SECONDS),
+        "scoring_max_images": str(SCORING_CAP),
+        "mc_samples": "4",
+    }
+    server = start_server(studies, root / "models", root / "server.log", conf)
+    yield server
+    stop_server(server)
+
+
+def sample(server, strategy: str, client_id: str | None = None) -> dict:
+    r = server.post(f"/activelearning/{strategy}", json={"client_id": client_id} if client_id else {})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def unlabeled_ids(server) -> set:
+    return {k for k, v in datastore_json(server.studies)["objects"].items() if "final" not in v["labels"]}
+
+
+def records(server) -> dict:
+    objects = datastore_json(server.studies)["objects"]
+    return {
+        k: v["image"]["info"]["labelloop_scores"]["segmentation"]
+        for k, v in objects.items()
+        if "segmentation" in v["image"]["info"].get("labelloop_scores", {})
+    }
+
+
+def release(server, image_id: str, client_id: str) -> None:
+    r = server.delete(f"/labelloop/lease?image={image_id}&client_id={client_id}")
+    assert r.status_code == 200, r.text
+
+
+def wait_scoring(server, timeout: float = 120) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        task = server.get("/scoring/").json()
+        if task["status"] not in ("SUBMITTED", "RUNNING"):
+            return task
+        time.sleep(0.2)
+    raise AssertionError(f"scoring did not finish in {timeout}s\n{server.log_tail()}")
+
+
+def test_without_a_model_uncertainty_strategies_fall_back_to_random_and_say_so(al):
+    info = al.info()
+    assert set(STRATEGIES) <= set(info["strategies"])
+    assert "segmentation" in info["scoring"]
+    unlabeled = unlabeled_ids(al)
+    for strategy in UNCERTAINTY:
+        answer = sample(al, strategy, client_id="alice")
+        assert answer["id"] in unlabeled
+        assert answer["fallback"] == "random" and answer["reason"] == "no trained model yet"
+        assert answer["model_version"] is None and answer["current_model_version"] is None
+        assert answer["lease"]["client_id"] == "alice"
+    release(al, answer["id"], "alice")
+
+    queue = al.get("/labelloop/queue?strategy=hybrid&k=3").json()
+    assert queue["fallback"] == "random" and queue["reason"] == "no trained model yet"
+    assert len(queue["items"]) == 3 and {i["id"] for i in queue["items"]} <= unlabeled
+
+    r = al.post("/scoring/segmentation?run_sync=true")
+    assert r.status_code == 200, r.text
+    result = r.json()["result"]
+    assert result == {"method": "segmentation", "model_version": None, "scored": 0, "reason": "no trained model yet"}
+    assert records(al) == {}
+
+
+def test_scoring_writes_scores_skips_scored_images_and_inference_stays_responsive(al, trained_server):
+    shutil.copy(trained_server.model_dir / "segmentation_unet.pt", al.model_dir / "segmentation_unet.pt")
+    version = al.info()["models"]["segmentation"]["model_version"]
+    assert len(version) == 12
+
+    def infer_seconds() -> float:
+        t0 = time.time()
+        r = al.post("/infer/segmentation?image=al_004&output=json")
+        assert r.status_code == 200, r.text
+        return time.time() - t0
+
+    infer_seconds()  # loads the network
+    alone = min(infer_seconds(), infer_seconds())
+
+    task = al.post("/scoring/segmentation").json()
+    assert task["status"] in ("SUBMITTED", "RUNNING") and task["method"] == "segmentation"
+    deadline = time.time() + 30
+    while al.get("/scoring/").json()["status"] != "RUNNING" and time.time() < deadline:
+        time.sleep(0.05)
+    t0 = time.time()
+    during = infer_seconds()
+    t1 = t0 + during
+    done = wait_scoring(al)
+
+    assert done["status"] == "DONE", done
+    assert done["start_time"] < t0 and done["end_time"] > t1, "the inference did not overlap the scoring run"
+    assert during < max(3.0 * alone, alone + 5.0), f"inference took {during:.1f}s during scoring, {alone:.1f}s alone"
+    result = done["result"]
+    assert result["paused_seconds"] > 0, "scoring did not yield to the inference request"
+    assert result["model_version"] == version
+    assert result["scored"] == SCORING_CAP and result["skipped"] == 0
+    assert result["remaining"] == N_LABELED + N_UNLABELED - SCORING_CAP
+    assert result["seconds"] > 0 and 0 < result["seconds_per_image"] < result["seconds"]
+
+    stored = records(al)
+    assert set(stored) == set(result["per_image"])
+    assert set(stored) <= unlabeled_ids(al), "unlabeled images are scored first"
+    for image_id, rec in stored.items():
+        assert rec["model_version"] == version
+        assert 0.0 <= rec["entropy"] <= 1.0 and 0.0 <= rec["tta"] <= 1.0 and 0.0 <= rec["mutual_information"] <= 1.0
+        assert len(rec["embedding"]) == 384 and any(v != 0 for v in rec["embedding"])
+        assert rec["seconds"] == result["per_image"][image_id] > 0
+        assert rec["spacing"] == [6.0, 6.0, 8.0]  # twice the inference spacing
+    assert len({rec["entropy"] for rec in stored.values()}) > 1
+
+    second = al.post("/scoring/segmentation?run_sync=true").json()["result"]
+    assert second["scored"] == N_LABELED + N_UNLABELED - SCORING_CAP and second["skipped"] == SCORING_CAP
+    after = records(al)
+    assert all(after[i]["ts"] == stored[i]["ts"] for i in stored), "already scored images were scored again"
+    labeled = set(after) - unlabeled_ids(al)
+    assert len(labeled) == N_LABELED and all("entropy" not in after[i] and after[i]["embedding"] for i in labeled)
+
+    third = al.post("/scoring/segmentation?run_sync=true").json()["result"]
+    assert third["scored"] == 0 and third["skipped"] == N_LABELED + N_UNLABELED
+
+
+def test_every_strategy_returns_an_unlabeled_image_with_its_score(al):
+    version = al.info()["models"]["segmentation"]["model_version"]
+    stored = records(al)
+    unlabeled = unlabeled_ids(al)
+    previous = None
+    for strategy in STRATEGIES:
+        answer = sample(al, strategy, client_id="bob")
+        assert answer["id"] in unlabeled, strategy
+        assert "fallback" not in answer, answer
+        assert answer["lease"]["client_id"] == "bob" and answer["lease"]["strategy"] == strategy
+        if strategy in UNCERTAINTY:
+            assert answer["score_name"] == SCORE_NAMES[strategy]
+            assert answer["score"] is not None and answer["model_version"] == version
+        if strategy in ("entropy", "tta"):
+            # the top score among all unlabeled images except the one bob had (and skipped by asking again)
+            best = max(stored[i][strategy] for i in unlabeled - {previous})
+            assert answer["score"] == best == stored[answer["id"]][strategy]
+        assert answer["id"] != previous
+        previous = answer["id"]
+    release(al, answer["id"], "bob")
+
+
+def test_two_annotators_asking_at_once_get_different_images(al):
+    barrier = threading.Barrier(4)
+
+    def ask(n: int) -> dict:
+        barrier.wait()
+        return sample(al, "entropy", client_id=f"annotator{n}")
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(ask, range(4)))
+    ids = [a["id"] for a in answers]
+    assert len(set(ids)) == 4, ids
+    scores = sorted((a["score"] for a in answers), reverse=True)
+    stored = records(al)
+    assert scores == sorted((stored[i]["entropy"] for i in unlabeled_ids(al)), reverse=True)[:4]
+    for n, a in enumerate(answers):
+        release(al, a["id"], f"annotator{n}")
+
+
+def test_diversity_does_not_hand_out_near_duplicates(al):
+    """Consecutive diversity picks for different annotators: each is the farthest from labeled and leased ones,
+    so the distance to the nearest centre can only shrink as centres are added."""
+    picks = [sample(al, "diversity", client_id=f"d{n}") for n in range(3)]
+    assert len({p["id"] for p in picks}) == 3
+    distances = [p["score"] for p in picks]
+    assert distances == sorted(distances, reverse=True) and distances[-1] > 0
+    assert [p["centres"] for p in picks] == [N_LABELED, N_LABELED + 1, N_LABELED + 2]
+    for n, p in enumerate(picks):
+        release(al, p["id"], f"d{n}")
+
+
+def test_queue_ranks_unlabeled_images_with_scores_versions_and_leases(al):
+    version = al.info()["models"]["segmentation"]["model_version"]
+    held = sample(al, "entropy", client_id="carol")
+    r = al.get("/labelloop/queue?strategy=entropy&k=3")
+    assert r.status_code == 200, r.text
+    queue = r.json()
+    assert queue["current_model_version"] == version and queue["k"] == 3
+    assert queue["unlabeled"] == N_UNLABELED and queue["available"] == N_UNLABELED - 1
+    assert [item["rank"] for item in queue["items"]] == [1, 2, 3]
+    scores = [item["score"] for item in queue["items"]]
+    assert scores == sorted(scores, reverse=True) and all(s > 0 for s in scores)
+    assert all(item["model_version"] == version and item["lease"] is None for item in queue["items"])
+    assert held["id"] not in {item["id"] for item in queue["items"]}
+    assert [(x["id"], x["lease"]["client_id"]) for x in queue["leased"]] == [(held["id"], "carol")]
+    assert 0 < queue["leased"][0]["lease"]["expires_in"] <= LEASE_SECONDS
+    assert "embedding" not in queue["items"][0]["scores"] and "entropy" in queue["items"][0]["scores"]
+
+    r = al.get("/labelloop/queue?strategy=nope")
+    assert r.status_code == 404 and "unknown strategy 'nope'" in r.json()["detail"]
+    release(al, held["id"], "carol")
+
+
+def test_a_final_label_releases_the_lease_and_the_image_is_never_handed_out_again(al, tmp_path):
+    answer = sample(al, "first", client_id="dave")
+    image_id = answer["id"]
+    n = int(image_id[-3:])
+    write_case(tmp_path, image_id, seed=500 + n, label_dir=tmp_path / "labels", hard=n % 4 == 3, **SMALL)
+    label = tmp_path / "labels" / f"{image_id}.nii.gz"
+    with open(label, "rb") as f:
+        r = al.put(f"/datastore/label?image={image_id}&tag=final", files={"label": (label.name, f)})
+    assert r.status_code == 200, r.text
+    queue = al.get("/labelloop/queue?strategy=random&k=100").json()
+    assert image_id not in {x["id"] for x in queue["leased"]} and image_id not in {x["id"] for x in queue["items"]}
+    assert al.delete(f"/labelloop/lease?image={image_id}").status_code == 404
+    for _ in range(2):
+        for strategy in STRATEGIES:
+            got = sample(al, strategy, client_id="erin")
+            assert got["id"] != image_id and "final" not in datastore_json(al.studies)["objects"][got["id"]]["labels"]
+    release(al, got["id"], "erin")
+
+
+def test_an_expired_lease_makes_the_image_available_again(al):
+    handed = []
+    while True:
+        answer = sample(al, "first", client_id=f"lease{len(handed)}")
+        if not answer:
+            break
+        handed.append(answer["id"])
+        assert len(handed) <= N_UNLABELED
+    assert len(handed) == len(unlabeled_ids(al)) and len(set(handed)) == len(handed)
+    assert sample(al, "entropy", client_id="late") == {}  # everything is leased
+    time.sleep(LEASE_SECONDS + 0.5)
+    again = sample(al, "first", client_id="late")
+    assert again["id"] == sorted(handed)[0]
+    assert al.get("/labelloop/queue?strategy=first&k=1").json()["leased"][0]["id"] == again["id"]
+
+
+def test_training_triggers_background_scoring_with_the_new_model(al):
+    old = al.info()["models"]["segmentation"]["model_version"]
+    time.sleep(1.1)  # a new modification time for the published model
+    al.train({"max_epochs": 1})
+    new = al.info()["models"]["segmentation"]["model_version"]
+    assert new != old
+    deadline, done = time.time() + 120, []
+    while not done and time.time() < deadline:
+        tasks = al.get("/scoring/?all=true").json()
+        done = [t for t in tasks if t["status"] == "DONE" and (t["result"] or {}).get("model_version") == new]
+        time.sleep(0.5)
+    assert done, f"no scoring run with model {new} after training\n{al.log_tail()}"
+    assert done[0]["trigger"] == "request"  # asked for by the training process when it ended
+    assert done[0]["result"]["scored"] == SCORING_CAP and done[0]["result"]["skipped"] == 0
+    assert sum(r["model_version"] == new for r in records(al).values()) >= SCORING_CAP
+
+
+def test_classification_strategies_rank_stored_class_uncertainty(tmp_path):
+    """The cls_* strategies use the same records and leases: the stored classification uncertainty of each image
+    (as the classification task reports it) decides the order. An image with a class label is never offered; a
+    segmentation label does not count as labeled for classification."""
+    studies = tmp_path / "studies"
+    for i in range(4):
+        write_case(
+            studies, f"cls_{i}", seed=700 + i, label_dir=studies / "labels" / "final" if i == 1 else None, **SMALL
+        )
+    ds = LabelLoopDatastore(str(studies), extensions=["*.nii.gz"], class_check=ClassLabelCheck(["normal", "lesion"]))
+    class_file = tmp_path / "cls_0.json"
+    class_file.write_text(json.dumps({"class": "lesion"}))
+    ds.save_label("cls_0", str(class_file), "class", {})
+    model = tmp_path / "classification.pt"
+    model.write_bytes(b"weights")
+    version = ModelFile(str(model)).version()
+    stored = {
+        "cls_0": {"entropy": 0.99, "margin": 0.99, "least_confidence": 0.99},  # has a class: never offered
+        "cls_1": {"entropy": 0.20, "margin": 0.90, "least_confidence": 0.10},
+        "cls_2": {"entropy": 0.80, "margin": 0.30, "least_confidence": 0.50},
+        "cls_3": {"entropy": 0.50, "margin": 0.60, "least_confidence": 0.70},
+    }
+    for image_id, scores in stored.items():
+        ds.update_image_info(image_id, {"labelloop_scores": {"classification": {**scores, "model_version": version}}})
+    manager = ActiveLearning(
+        ActiveLearningConf(), ["segmentation", "classification"], None, None, lambda: {}, lambda: ds
+    )
+    manager._model_files["classification"] = ModelFile(str(model))
+    strategies = manager.strategies()
+    assert {"cls_entropy", "cls_margin", "cls_least_confidence"} <= set(strategies)
+    best = {"cls_entropy": "cls_2", "cls_margin": "cls_1", "cls_least_confidence": "cls_3"}
+    for name, expected in best.items():
+        answer = strategies[name]({"strategy": name, "client_id": "x"}, ds)
+        assert answer["id"] == expected and answer["model_version"] == version == answer["current_model_version"]
+        assert answer["score"] == stored[expected][name[4:]] and answer["score_name"] == name[4:]
+    # x holds one image at a time; y, z and w share the rest and nobody gets the one with a class
+    others = [strategies["cls_entropy"]({"client_id": c}, ds) for c in "yzw"]
+    assert sorted(a["id"] for a in others if a) == sorted({"cls_1", "cls_2", "cls_3"} - {answer["id"]})
+    assert others[-1] is None
+    # a class label for an image ends its lease; a segmentation label for it would not
+    held = others[0]["id"]
+    (tmp_path / f"{held}.json").write_text(json.dumps({"class": "normal"}))
+    ds.save_label(held, str(tmp_path / f"{held}.json"), "class", {})
+    assert manager.on_label_saved(held, ds).client_id == "y" and held not in manager.leases.active()
+
+
+def test_leases_are_thread_safe_and_expire():
+    now = [1000.0]
+    book = LeaseBook(10, clock=lambda: now[0])
+    images = [f"img{i}" for i in range(50)]
+    got: list = []
+
+    def take(client: str) -> None:
+        with book.lock:
+            free = [i for i in images if i not in book.active()]
+            book.take(free[0], client, "first")
+            got.append(free[0])
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(take, [f"c{n}" for n in range(50)]))
+    assert sorted(got) == sorted(images)
+    assert len(book.active()) == 50
+    lease = book.take("img0", "c0", "random")  # c0 held another image: it goes back
+    assert len(book.active()) == 50 - 1 + (got[0] == "img0") and lease.state(now[0])["expires_in"] == 10.0
+    now[0] += 10.5
+    assert book.active() == {}

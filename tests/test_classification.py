@@ -1,0 +1,301 @@
+"""The ``classification`` task driven over HTTP through a real ``monailabel start_server`` subprocess.
+
+One server serves both tasks over one studies folder: tiny lesion phantoms from the sample-data generator (some
+with class labels, written by the generator in the server's convention) next to two segmentation phantoms with
+``final`` labels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import SimpleITK as sitk
+import torch
+
+from conftest import FAST_CONF, assert_same_geometry, datastore_json, snapshot, start_server, stop_server
+from labelloop_app.synthetic import generate_sample_data, make_lesion_phantom
+from labelloop_app.uncertainty import MEASURES
+from LabelLoopLib.client import LabelLoopClient
+
+CLASSES = ["normal", "lesion"]
+CLS_CONF = {
+    **FAST_CONF,
+    "tasks": "segmentation,classification",
+    "cls_size": "64,64,32",
+    "cls_spacing": "6,6,6",
+    "cls_batch_size": "2",
+    "auto_scoring": "false",
+}
+UNLABELED = "lesion_009"
+
+
+@pytest.fixture(scope="session")
+def cls_sample(tmp_path_factory) -> Path:
+    """Tiny sample data: 10 lesion phantoms (6 with class labels) and 2 segmentation phantoms (2 final labels)."""
+    sample = tmp_path_factory.mktemp("cls_sample") / "sample"
+    generate_sample_data(
+        sample,
+        n_seg=2,
+        n_seg_labeled=2,
+        n_seg_heldout=0,
+        n_cls=10,
+        n_cls_labeled=6,
+        n_cls_heldout=0,
+        seed=11,
+        small=True,
+        progress=False,
+        workers=1,
+    )
+    return sample
+
+
+@pytest.fixture(scope="session")
+def cls_server(cls_sample, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cls_server")
+    studies = shutil.copytree(cls_sample / "classification", root / "studies")
+    for image in (cls_sample / "segmentation").glob("*.nii.gz"):
+        shutil.copy(image, studies / image.name)
+    shutil.copytree(cls_sample / "segmentation" / "labels" / "final", studies / "labels" / "final")
+    server = start_server(studies, root / "models", root / "server.log", CLS_CONF)
+    yield server
+    stop_server(server)
+
+
+@dataclass
+class ClsTrained:
+    server: object
+    before_training: requests.Response
+    stats: dict
+
+
+@pytest.fixture(scope="session")
+def cls_trained(cls_server) -> ClsTrained:
+    before = cls_server.post(f"/infer/classification?image={UNLABELED}&output=json")
+    r = cls_server.post("/train/classification", json={"max_epochs": 2})
+    assert r.status_code == 200, r.text
+    task = cls_server.wait_task("train", timeout=600)
+    assert task["status"] == "DONE", f"{task}\n{cls_server.log_tail()}"
+    return ClsTrained(cls_server, before, cls_server.info()["train_stats"]["classification"])
+
+
+def put_class(server, image_id: str, tmp_path: Path, file_doc=None, params=None, name: str = "label.json"):
+    path = tmp_path / name
+    path.write_text("" if file_doc is None else json.dumps(file_doc))
+    with open(path, "rb") as f:
+        return server.put(
+            f"/datastore/label?image={image_id}&tag=class",
+            files={"label": (f"{image_id}.json" if name == "label.json" else name, f)},
+            data={"params": json.dumps(params or {})},
+        )
+
+
+def test_info_lists_both_tasks(cls_server):
+    info = cls_server.info()
+    cls = info["models"]["classification"]
+    assert cls["type"] == "classification"
+    assert cls["labels"] == {"normal": 0, "lesion": 1}
+    assert cls["config"]["network"] == "densenet121"
+    assert {"segmentation", "classification"} <= set(info["trainers"])
+    assert info["models"]["segmentation"]["type"] == "segmentation"
+
+
+def test_generator_class_labels_are_served(cls_server, cls_sample):
+    labeled = json.loads((cls_sample / "classification_labeled.json").read_text())
+    listing = cls_server.get("/labelloop/classes").json()
+    assert listing["classes"] == CLASSES
+    assert listing["labels"] == labeled
+    assert listing["counts"] == {c: sum(v == c for v in labeled.values()) for c in CLASSES}
+    assert set(labeled.values()) == set(CLASSES)  # the generator labels both classes
+    assert listing["labeled"] == 6 and listing["total"] == 12 and listing["unlabeled"] == 6
+    objects = datastore_json(cls_server.studies)["objects"]
+    for image_id, name in labeled.items():
+        assert objects[image_id]["labels"]["class"]["info"]["class"] == name
+        assert "final" not in objects[image_id]["labels"]
+
+
+def test_class_label_submitted_listed_downloaded_and_removed(cls_server, tmp_path):
+    client = LabelLoopClient(cls_server.url)
+    doc = tmp_path / f"{UNLABELED}.json"
+    doc.write_text(json.dumps({"class": "lesion"}))
+    client.save_label(UNLABELED, str(doc), tag="class", label_info={"class": "lesion"})
+    stored = cls_server.studies / "labels" / "class" / f"{UNLABELED}.json"
+    assert json.loads(stored.read_text()) == {"class": "lesion"}
+    assert cls_server.get("/labelloop/classes").json()["labels"][UNLABELED] == "lesion"
+    r = cls_server.get(f"/datastore/label?label={UNLABELED}&tag=class")
+    assert r.status_code == 200 and json.loads(r.content) == {"class": "lesion"}
+
+    # the class alone in label_info (empty file) is enough, and replaces the previous class
+    r = put_class(cls_server, UNLABELED, tmp_path, None, {"label_info": {"class": "normal"}})
+    assert r.status_code == 200, r.text
+    assert json.loads(stored.read_text()) == {"class": "normal"}
+    assert cls_server.get("/labelloop/classes").json()["labels"][UNLABELED] == "normal"
+
+    assert cls_server.delete(f"/datastore/label?id={UNLABELED}&tag=class").status_code == 200
+    assert UNLABELED not in cls_server.get("/labelloop/classes").json()["labels"]
+    assert not stored.exists()
+
+
+@pytest.mark.parametrize(
+    "image_id,file_doc,params,name,status,words",
+    [
+        (UNLABELED, {"class": "tumour"}, None, "label.json", 422, ["unknown class 'tumour'", "normal, lesion"]),
+        (UNLABELED, {}, {"label_info": {"class": "cyst"}}, "label.json", 422, ["unknown class 'cyst'", "normal"]),
+        (UNLABELED, {}, None, "label.json", 422, ["names no class", "valid classes: normal, lesion"]),
+        (UNLABELED, {"class": "lesion"}, {"label_info": {"class": "normal"}}, "label.json", 422, ["but 'normal'"]),
+        (UNLABELED, None, None, "mask.nii.gz", 422, ["cannot read the class label"]),
+        ("no_such_image", {"class": "lesion"}, None, "label.json", 404, ["'no_such_image' is not in the datastore"]),
+    ],
+)
+def test_bad_class_label_rejected_and_datastore_unchanged(
+    cls_server, tmp_path, image_id, file_doc, params, name, status, words
+):
+    before = snapshot(cls_server.studies)
+    if name.endswith(".nii.gz"):  # an image sent as a class label
+        shutil.copy(cls_server.studies / f"{image_id}.nii.gz", tmp_path / name)
+        with open(tmp_path / name, "rb") as f:
+            r = cls_server.put(f"/datastore/label?image={image_id}&tag=class", files={"label": (name, f)})
+    else:
+        r = put_class(cls_server, image_id, tmp_path, file_doc, params)
+    assert r.status_code == status, r.text
+    for w in words:
+        assert w in r.json()["detail"], r.json()["detail"]
+    assert snapshot(cls_server.studies) == before
+
+
+def test_inference_before_training_is_a_clear_409(cls_trained):
+    r = cls_trained.before_training
+    assert r.status_code == 409 and "not been trained yet" in r.json()["detail"]
+
+
+def test_training_stats_have_every_metric_per_epoch(cls_trained):
+    stats = cls_trained.stats
+    assert stats["epoch"] == 2 and stats["total_epochs"] == 2
+    assert stats["classes"] == CLASSES and stats["network"] == "densenet121"
+    assert stats["train_images"] + stats["val_images"] == 6  # class labels only: no segmentation phantom
+    assert stats["val_images"] == 2  # stratified: one image of each class
+    assert sum(stats["class_counts"].values()) == 6
+    assert [h["epoch"] for h in stats["history"]] == [1, 2]
+    for h in stats["history"]:
+        assert h["loss"] > 0 and h["seconds"] > 0
+        for prefix in ("train_", "val_"):
+            assert 0.0 <= h[f"{prefix}accuracy"] <= 1.0
+            assert 0.0 <= h[f"{prefix}balanced_accuracy"] <= 1.0
+            for key in ("sensitivity", "specificity", "precision", "f1"):
+                assert set(h[f"{prefix}{key}"]) == set(CLASSES)
+                assert all(v is None or 0.0 <= v <= 1.0 for v in h[f"{prefix}{key}"].values())
+            matrix = np.array(h[f"{prefix}confusion_matrix"])
+            assert matrix.shape == (2, 2)
+            assert h[f"{prefix}accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum())
+        assert np.array(h["val_confusion_matrix"]).sum(axis=1).tolist() == [1, 1]
+        assert 0.0 <= h["val_auc"] <= 1.0  # both classes validated: the AUC is defined
+        sens = h["val_sensitivity"]
+        assert h["val_balanced_accuracy"] == pytest.approx((sens["normal"] + sens["lesion"]) / 2)
+    model = cls_trained.server.info()["models"]["classification"]
+    assert model["trained"] is True and len(model["model_version"]) == 12
+
+
+def test_inference_returns_a_distribution_version_and_uncertainty(cls_trained):
+    r = cls_trained.server.post(f"/infer/classification?image={UNLABELED}&output=json")
+    assert r.status_code == 200, r.text
+    result = r.json()
+    probs = result["probabilities"]
+    assert list(probs) == CLASSES
+    assert all(0.0 <= p <= 1.0 for p in probs.values())
+    assert sum(probs.values()) == pytest.approx(1.0, abs=1e-9)
+    assert result["class"] == max(probs, key=probs.get)
+    assert [p["score"] for p in result["prediction"]] == list(probs.values())
+    assert result["model_version"] == cls_trained.server.info()["models"]["classification"]["model_version"]
+    p = np.array(list(probs.values()))
+    assert set(result["uncertainty"]) == set(MEASURES)
+    for name, fn in MEASURES.items():
+        assert result["uncertainty"][name] == pytest.approx(float(fn(p)))
+        assert 0.0 <= result["uncertainty"][name] <= 1.0
+    assert "explanation" not in result
+
+
+def test_explanation_map_of_a_stored_image_has_its_exact_geometry(cls_trained, tmp_path):
+    server = cls_trained.server
+    r = server.post(
+        f"/infer/classification?image={UNLABELED}&output=image", data={"params": json.dumps({"explain": True})}
+    )
+    assert r.status_code == 200, r.text
+    out = tmp_path / "explanation.nii.gz"
+    out.write_bytes(r.content)
+    assert_same_geometry(out, server.studies / f"{UNLABELED}.nii.gz")
+    image = sitk.ReadImage(str(out))
+    assert image.GetPixelID() == sitk.sitkFloat32
+    values = sitk.GetArrayFromImage(image)
+    assert np.isfinite(values).all() and values.min() >= 0.0 and values.max() <= 1.0 + 1e-6
+
+
+def test_explanation_of_an_uploaded_oblique_image_via_the_client(cls_trained, tmp_path):
+    """``output=all`` through the Slicer extension's client: the map (image part) and the result JSON."""
+    image, _ = make_lesion_phantom(77, lesion=True, small=True, orientation="LAS", oblique_deg=12.0)
+    path = tmp_path / "oblique.nii.gz"
+    sitk.WriteImage(image, str(path), True)
+    client = LabelLoopClient(cls_trained.server.url)
+    out, result = client.infer(
+        "classification", file=str(path), params={"explain": "gradcam", "explain_class": "lesion"}, out_path=tmp_path
+    )
+    assert out is not None
+    assert_same_geometry(Path(out), path)
+    assert result["explanation"] == {"method": "gradcam", "class": "lesion"}
+    assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    "params,words",
+    [
+        ({"explain": "saliency"}, ["explain='saliency'", "gradcam", "occlusion"]),
+        ({"explain": True, "explain_class": "cyst"}, ["explain_class 'cyst'", "normal, lesion"]),
+    ],
+)
+def test_bad_explain_parameters_rejected(cls_trained, params, words):
+    r = cls_trained.server.post(
+        f"/infer/classification?image={UNLABELED}&output=json", data={"params": json.dumps(params)}
+    )
+    assert r.status_code == 400, r.text
+    for w in words:
+        assert w in r.json()["detail"]
+
+
+def test_a_newly_published_model_is_served_without_restart(cls_trained, tmp_path):
+    """Publish a changed model file (as training does: atomic replace) and the next request uses it."""
+    server = cls_trained.server
+    published = server.model_dir / "classification_densenet121.pt"
+    old = server.info()["models"]["classification"]["model_version"]
+    before = server.post(f"/infer/classification?image={UNLABELED}&output=json").json()
+    checkpoint = torch.load(published, map_location="cpu")
+    state = checkpoint.get("model", checkpoint)
+    state["class_layers.out.bias"] = state["class_layers.out.bias"] + torch.tensor([-5.0, 5.0])  # favour lesion
+    time.sleep(1.1)  # a new file modification time
+    tmp = tmp_path / "model.pt"
+    torch.save(checkpoint, tmp)
+    os.replace(shutil.copy(tmp, published.with_suffix(".tmp")), published)
+    new = server.info()["models"]["classification"]["model_version"]
+    assert new and new != old
+    after = server.post(f"/infer/classification?image={UNLABELED}&output=json").json()
+    assert after["model_version"] == new
+    assert after["probabilities"]["lesion"] > before["probabilities"]["lesion"]
+    assert after["class"] == "lesion"
+
+
+def test_segmentation_trains_on_final_labels_only_beside_class_labels(cls_server):
+    datalist = cls_server.get("/datastore/?output=train").json()
+    assert sorted(Path(d["image"]).name for d in datalist) == ["phantom_000.nii.gz", "phantom_001.nii.gz"]
+    assert all(Path(d["label"]).parent.name == "final" for d in datalist)
+    cls_server.train({"max_epochs": 1})
+    stats = cls_server.info()["train_stats"]["segmentation"]
+    assert stats["train_images"] + stats["val_images"] == 2
+    r = cls_server.post("/infer/segmentation?image=phantom_000&output=json")
+    assert r.status_code == 200, r.text
+    r = cls_server.post("/infer/segmentation?image=lesion_000&output=json")  # any image, any task
+    assert r.status_code == 200, r.text

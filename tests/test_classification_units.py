@@ -1,0 +1,299 @@
+"""Unit tests of the classification task's pieces: configuration, networks, metrics, class labels, datastore,
+the whole-volume transforms and the explanation maps (no server)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from ignite.engine import Engine
+from monailabel.config import settings
+
+from conftest import snapshot
+from labelloop_app.class_labels import (
+    CLASS_TAG,
+    ClassLabelCheck,
+    class_from_info,
+    class_labels_of,
+    class_summary,
+    read_class_label,
+    write_class_label,
+)
+from labelloop_app.classification_metrics import ClassificationMetrics, classification_report, selection_score
+from labelloop_app.conf import TASKS, ClassificationConf, ConfError, parse_tasks
+from labelloop_app.datastore import LabelLoopDatastore
+from labelloop_app.errors import BadRequest, UnprocessableInput
+from labelloop_app.explain import explain_method, gradcam_map, occlusion_map, restore_map
+from labelloop_app.geometry import Geometry, geometry_from_ras_affine
+from labelloop_app.infer_classification import class_probabilities
+from labelloop_app.networks import CAM_LAYERS, classification_network
+from labelloop_app.synthetic import CLASS_LABEL_DIR, make_lesion_phantom
+from labelloop_app.train_classification import class_weights, stratified_split
+from labelloop_app.transforms import whole_volume_transforms
+
+CLASSES = ["normal", "lesion"]
+
+
+# --- configuration --------------------------------------------------------------------------------------------
+
+
+def test_classification_is_a_task():
+    assert "classification" in TASKS
+    assert parse_tasks("segmentation,classification") == ["segmentation", "classification"]
+    assert parse_tasks("classification") == ["classification"]
+
+
+def test_classification_conf_defaults_and_overrides(tmp_path):
+    c = ClassificationConf.from_conf({})
+    assert c.classes == ("normal", "lesion") and c.network == "densenet121"
+    assert c.spatial_size == (96, 96, 64) and c.target_spacing == (3.5, 3.5, 3.5)
+    assert c.index_of == {"normal": 0, "lesion": 1} and c.body_threshold == -500.0
+    c = ClassificationConf.from_conf({"cls_network": "resnet", "classes": "a,b,c", "cls_size": "64,64,32"})
+    assert c.network == "resnet10" and c.classes == ("a", "b", "c") and c.spatial_size == (64, 64, 32)
+    path = tmp_path / "classes.json"
+    path.write_text(json.dumps(["benign", "malignant"]))
+    assert ClassificationConf.from_conf({"classes": str(path), "cls_network": "ResNet-18"}).classes == (
+        "benign",
+        "malignant",
+    )
+    assert ClassificationConf.from_conf({"modality": "MRI"}).body_threshold == 0.0
+
+
+@pytest.mark.parametrize(
+    "conf,words",
+    [({"cls_network": "vgg"}, ["cls_network", "densenet121"]), ({"classes": "only"}, ["classes", "two distinct"])],
+)
+def test_bad_classification_conf_is_refused(conf, words):
+    with pytest.raises(ConfError) as e:
+        ClassificationConf.from_conf(conf)
+    for w in words:
+        assert w in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["densenet121", "resnet10", "resnet18"])
+def test_classification_networks_give_one_logit_per_class_and_have_a_cam_layer(name):
+    net = classification_network(name, 3).eval()
+    with torch.no_grad():
+        assert net(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 3)
+    assert CAM_LAYERS[name] in dict(net.named_modules())
+
+
+# --- metrics and sampling -------------------------------------------------------------------------------------
+
+
+def test_classification_report_values():
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7], [0.55, 0.45]])
+    labels = np.array([0, 1, 1, 1, 0])
+    r = classification_report(probs, labels, CLASSES)
+    assert r["confusion_matrix"] == [[2, 0], [1, 2]]  # rows: true class, columns: predicted
+    assert r["accuracy"] == pytest.approx(0.8)
+    assert r["sensitivity"] == {"normal": 1.0, "lesion": pytest.approx(2 / 3, abs=1e-6)}
+    assert r["specificity"] == {"normal": pytest.approx(2 / 3, abs=1e-6), "lesion": 1.0}
+    assert r["precision"] == {"normal": pytest.approx(2 / 3, abs=1e-6), "lesion": 1.0}
+    assert r["f1"] == {"normal": pytest.approx(0.8, abs=1e-6), "lesion": pytest.approx(0.8, abs=1e-6)}
+    assert r["balanced_accuracy"] == pytest.approx((1.0 + 2 / 3) / 2, abs=1e-6)
+    # AUC by counting: lesion scores 0.8, 0.4, 0.7 against normal 0.1, 0.45 -> 5 of 6 pairs ranked right
+    assert r["auc"] == pytest.approx(5 / 6)
+    assert selection_score(r) == pytest.approx(5 / 6 + 1e-3 * np.mean([0.9, 0.8, 0.4, 0.7, 0.55]))
+
+
+def test_classification_report_with_a_missing_class_and_empty_set():
+    r = classification_report(np.array([[0.7, 0.3], [0.4, 0.6]]), np.array([0, 0]), CLASSES)
+    assert r["auc"] is None and r["sensitivity"]["lesion"] is None and r["accuracy"] == 0.5
+    assert r["balanced_accuracy"] == 0.5  # over the classes present
+    assert selection_score(r) == pytest.approx(0.5 + 1e-3 * 0.55)  # falls back to accuracy
+    empty = classification_report(np.zeros((0, 2)), np.zeros(0), CLASSES)
+    assert empty["n"] == 0 and empty["accuracy"] is None and empty["confusion_matrix"] == [[0, 0], [0, 0]]
+
+
+def test_ignite_metric_puts_scalars_in_engine_state_and_drops_undefined_ones():
+    batches = [
+        [{"pred": torch.tensor([0.9, 0.1]), "label": torch.tensor(0)}],
+        [{"pred": torch.tensor([0.3, 0.7]), "label": torch.tensor(1)}],
+    ]
+    engine = Engine(lambda e, batch: batch)
+    metric = ClassificationMetrics(CLASSES, "val_")
+    metric.attach(engine, "val_score")
+    engine.run(batches, max_epochs=1)
+    m = engine.state.metrics
+    assert m["val_accuracy"] == 1.0 and m["val_balanced_accuracy"] == 1.0 and m["val_auc"] == 1.0
+    assert m["val_score"] == pytest.approx(1.0 + 1e-3 * 0.8)
+    assert metric.report["confusion_matrix"] == [[1, 0], [0, 1]]
+    engine.run(batches[:1], max_epochs=1)  # one class only: no AUC, and no stale one
+    assert "val_auc" not in engine.state.metrics and engine.state.metrics["val_accuracy"] == 1.0
+
+
+def test_class_weights_draw_every_class_equally():
+    labels = [0, 0, 0, 1]
+    w = class_weights(labels, 2)
+    assert w.tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1.0])
+    assert sum(w[np.array(labels) == 0]) == pytest.approx(sum(w[np.array(labels) == 1]))
+
+
+def test_stratified_split_validates_every_class():
+    data = [{"image": f"i{i}", "label": y} for i, y in enumerate([1, 1, 1, 1, 0, 0, 2])]
+    train, val = stratified_split(data, 0.2)
+    assert sorted(d["label"] for d in val) == [0, 1]  # one of each class with two or more images
+    assert len(train) + len(val) == len(data) and {d["image"] for d in train}.isdisjoint(d["image"] for d in val)
+    assert stratified_split(data, 0.0) == (data, [])
+
+
+def test_class_probabilities_sum_to_one():
+    p = class_probabilities(torch.softmax(torch.tensor([0.3, -1.2, 2.0]), dim=0))
+    assert p.dtype == np.float64 and p.sum() == pytest.approx(1.0, abs=1e-12)
+
+
+# --- class labels and the datastore ---------------------------------------------------------------------------
+
+
+def test_class_label_files_and_info(tmp_path):
+    path = tmp_path / "a.json"
+    write_class_label(str(path), "lesion")
+    assert json.loads(path.read_text()) == {"class": "lesion"} and read_class_label(str(path)) == "lesion"
+    path.write_text("")
+    assert read_class_label(str(path)) is None
+    path.write_text("not json")
+    with pytest.raises(ValueError, match="JSON"):
+        read_class_label(str(path))
+    assert class_from_info({"label_info": {"class": "normal"}}) == "normal"
+    assert class_from_info({"class": "lesion"}) == "lesion"
+    assert class_from_info({"label_info": [{"name": "liver", "idx": 1}]}) is None
+
+
+def _tiny_studies(root: Path, n: int = 3) -> Path:
+    studies = root / "studies"
+    studies.mkdir()
+    for i in range(n):
+        image = sitk.Image([8, 8, 8], sitk.sitkInt16)
+        sitk.WriteImage(image, str(studies / f"img_{i}.nii.gz"))
+    return studies
+
+
+def _datastore(studies: Path, check=ClassLabelCheck(CLASSES)) -> LabelLoopDatastore:
+    return LabelLoopDatastore(
+        str(studies), extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT, auto_reload=False, class_check=check
+    )
+
+
+def test_datastore_stores_validates_and_rediscovers_class_labels(tmp_path):
+    studies = _tiny_studies(tmp_path)
+    ds = _datastore(studies)
+    upload = tmp_path / "upload.json"
+    upload.write_text(json.dumps({"class": "lesion"}))
+    ds.save_label("img_0", str(upload), CLASS_TAG, {"label_info": {"class": "lesion"}})
+    upload.write_text("")
+    ds.save_label("img_1", str(upload), CLASS_TAG, {"label_info": {"class": "normal"}})
+    assert class_labels_of(ds) == {"img_0": "lesion", "img_1": "normal"}
+    assert ds.get_labeled_images() == []  # no 'final' label: segmentation sees nothing
+    assert ds.datalist() == []
+    summary = class_summary(ds, CLASSES)
+    assert summary["counts"] == {"normal": 1, "lesion": 1} and summary["unlabeled"] == 1 and summary["total"] == 3
+
+    before = snapshot(studies)
+    upload.write_text(json.dumps({"class": "tumour"}))
+    with pytest.raises(UnprocessableInput, match="valid classes: normal, lesion"):
+        ds.save_label("img_2", str(upload), CLASS_TAG, {})
+    assert snapshot(studies) == before and "img_2" not in class_labels_of(ds)
+
+    # the JSON files alone are enough: a fresh datastore without datastore_v2.json reads them back
+    (studies / "datastore_v2.json").unlink()
+    (studies / "labels" / "class" / "img_2.json").write_text(json.dumps({"class": "unknown"}))  # skipped
+    assert class_labels_of(_datastore(studies)) == {"img_0": "lesion", "img_1": "normal"}
+
+
+def test_class_labels_need_the_classification_task(tmp_path):
+    studies = _tiny_studies(tmp_path, 1)
+    ds = _datastore(studies, check=None)
+    upload = tmp_path / "upload.json"
+    upload.write_text(json.dumps({"class": "lesion"}))
+    before = snapshot(studies)
+    with pytest.raises(BadRequest, match="--conf tasks classification"):
+        ds.save_label("img_0", str(upload), CLASS_TAG, {})
+    assert snapshot(studies) == before
+
+
+def test_generator_writes_class_labels_where_the_server_reads_them():
+    assert CLASS_LABEL_DIR.parts[-2:] == ("labels", CLASS_TAG)
+
+
+# --- whole-volume transforms and explanation maps -------------------------------------------------------------
+
+
+def _preprocess(image_path: Path, size=(64, 64, 32), spacing=(6.0, 6.0, 6.0)):
+    data = {"image": str(image_path)}
+    for t in whole_volume_transforms("image", "CT", (-175.0, 250.0), spacing, size, -500.0):
+        data = t(data)
+    return data
+
+
+def test_a_map_on_the_network_grid_lands_on_the_right_spot_of_the_input_grid(tmp_path):
+    """A blob put at the lesion centre on the network grid (after RAS, resampling, body crop and pad) comes back
+    at the lesion centre on the input grid of an oblique LAS image."""
+    image, info = make_lesion_phantom(21, lesion=True, small=True, orientation="LAS", oblique_deg=12.0)
+    path = tmp_path / "in.nii.gz"
+    sitk.WriteImage(image, str(path))
+    data = _preprocess(path)
+    assert tuple(data["image"].shape[1:]) == (64, 64, 32)
+    source = geometry_from_ras_affine(np.asarray(data["image"].affine), (64, 64, 32))
+    idx = np.array(source.reference_image().TransformPhysicalPointToContinuousIndex(info["centre"]))
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in (64, 64, 32)], indexing="ij"), axis=-1)
+    blob = np.exp(-(((grid - idx) ** 2).sum(-1)) / 2.0).astype(np.float32)
+
+    restored = restore_map(blob, source, data["image_geometry"])
+    assert Geometry.of(restored).mismatches(Geometry.of(image)) == []
+    assert restored.GetPixelID() == sitk.sitkFloat32
+    arr = sitk.GetArrayFromImage(restored)
+    peak = np.unravel_index(np.argmax(arr), arr.shape)[::-1]  # (x, y, z) index
+    where = np.array(restored.TransformIndexToPhysicalPoint([int(v) for v in peak]))
+    assert np.linalg.norm(where - np.array(info["centre"])) < 1.5 * max(image.GetSpacing())
+
+
+def test_gradcam_map_is_on_the_input_grid_in_unit_range_and_leaves_the_model_alone(tmp_path):
+    image, _ = make_lesion_phantom(22, lesion=True, small=True)
+    path = tmp_path / "in.nii.gz"
+    sitk.WriteImage(image, str(path))
+    x = _preprocess(path)["image"].as_tensor()
+    net = classification_network("densenet121", 2).eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    cam = gradcam_map(net, x, 1, CAM_LAYERS["densenet121"])
+    assert cam.shape == (64, 64, 32) and cam.dtype == np.float32
+    assert cam.min() >= 0.0 and cam.max() <= 1.0
+    layer = dict(net.named_modules())[CAM_LAYERS["densenet121"]]
+    assert not layer._forward_hooks and not layer._backward_hooks and layer.inplace  # hooks went on a copy
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "value,method",
+    [(None, None), (False, None), ("false", None), (True, "gradcam"), ("1", "gradcam"), ("occlusion", "occlusion")],
+)
+def test_explain_parameter(value, method):
+    assert explain_method(value) == method
+
+
+def test_unknown_explain_method_is_refused():
+    with pytest.raises(ValueError, match="gradcam"):
+        explain_method("lime")
+
+
+class _CornerDetector(torch.nn.Module):
+    """Class 1's logit grows with the mean intensity of one corner of the volume."""
+
+    def forward(self, x):
+        s = x[:, :, :8, :8, :8].mean(dim=(1, 2, 3, 4))
+        return torch.stack([-s, s], dim=1) * 2.0
+
+
+def test_occlusion_map_is_the_probability_drop_where_the_evidence_is():
+    image = torch.zeros(1, 32, 32, 16)
+    image[:, :8, :8, :8] = 1.0
+    net = _CornerDetector()
+    probability = float(torch.softmax(net(image[None]), dim=1)[0, 1])
+    drop = occlusion_map(net, image, 1, probability, mask_fraction=0.25)
+    assert drop.shape == (32, 32, 16) and drop.dtype == np.float32
+    assert drop[:8, :8, :8].mean() > 1e-3  # hiding the corner lowers p(class 1): a softmax probability, ...
+    assert np.abs(drop[16:, 16:, 8:]).max() < 1e-5  # ... and hiding anything else changes nothing
