@@ -275,6 +275,12 @@ def summarise(results: Dict[str, Dict[int, List[Dict]]], reference: List[Dict], 
         }
         per_seed = [labels_to_reach({row["labels"]: row["dice"] for row in rows}, target) for rows in by_seed.values()]
         picked = [p for rows in by_seed.values() for row in rows for p in row.get("picked", [])]
+        aucs = [
+            row["entropy_hard_vs_easy"]["auc_entropy_hard"]
+            for rows in by_seed.values()
+            for row in rows
+            if row.get("entropy_hard_vs_easy")
+        ]
         table[strategy] = {
             "labels": labels,
             "mean_dice": mean,
@@ -282,6 +288,7 @@ def summarise(results: Dict[str, Dict[int, List[Dict]]], reference: List[Dict], 
             "labels_to_target": labels_to_reach(mean, target),
             "labels_to_target_per_seed": per_seed,
             "hard_fraction_picked": float(np.mean([p["hard"] for p in picked])) if picked else None,
+            "entropy_auc_hard_vs_easy": float(np.mean(aucs)) if aucs else None,
             "final_dice_hard": float(np.mean([rows[-1]["dice_hard"] for rows in by_seed.values()])),
         }
     base = table.get("random", {}).get("labels_to_target")
@@ -327,14 +334,15 @@ def markdown(result: Dict[str, Any]) -> str:
         f"{cfg['heldout']} held-out ({cfg['heldout_hard']} hard). Start: {cfg['initial']} random labeled cases and "
         f"a model trained on them for {cfg['warmup_steps']} steps; each round fine-tunes {cfg['steps']} steps, "
         f"scores the pool and labels {cfg['batch']} more, up to {cfg['max_labels']}. {len(cfg['seeds'])} seeds. "
-        f"Training spacing {cfg['spacing']} mm, scoring at twice that; {cfg['mc_samples']} MC-dropout passes.",
+        f"Training spacing {cfg['spacing']} mm, scoring at {cfg['scoring_spacing_factor']:g}x that; "
+        f"{cfg['mc_samples']} MC-dropout passes.",
         "",
         f"All-labels reference (same warm start and total steps on all {cfg['pool']} cases): "
         f"Dice **{s['reference_dice']:.3f}**; target = {s['fraction']:.0%} of it = {s['target_dice']:.3f}.",
         "",
         "| strategy | labels to reach the target | relative to random | per seed | final Dice | "
-        "final Dice on hard cases | hard cases among picks |",
-        "|---|---|---|---|---|---|---|",
+        "final Dice on hard cases | hard cases among picks | entropy AUC hard vs easy |",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
     def fmt(v, spec=".1f"):
@@ -346,7 +354,7 @@ def markdown(result: Dict[str, Any]) -> str:
             f"| {name} | {fmt(row['labels_to_target'])} | {fmt(row['relative_to_random'], '.0%')} | "
             f"{', '.join(fmt(v, '.0f') for v in row['labels_to_target_per_seed'])} | "
             f"{row['mean_dice'][last]:.3f} +- {row['std_dice'][last]:.3f} | {row['final_dice_hard']:.3f} | "
-            f"{fmt(row['hard_fraction_picked'], '.0%')} |"
+            f"{fmt(row['hard_fraction_picked'], '.0%')} | {fmt(row['entropy_auc_hard_vs_easy'], '.2f')} |"
         )
     lines += ["", "![learning curves](active_learning.png)", "", *result.get("notes", [])]
     return "\n".join(lines) + "\n"
@@ -362,11 +370,12 @@ def main(argv=None) -> int:
     ap.add_argument("--initial", type=int, default=2)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--max-labels", type=int, default=10)
-    ap.add_argument("--warmup-steps", type=int, default=200)
-    ap.add_argument("--steps", type=int, default=60, help="fine-tuning steps per round")
+    ap.add_argument("--warmup-steps", type=int, default=250)
+    ap.add_argument("--steps", type=int, default=80, help="fine-tuning steps per round")
     ap.add_argument("--spacing", type=float, default=6.0, help="training spacing in mm (isotropic)")
     ap.add_argument("--roi", default="32,32,32")
     ap.add_argument("--mc-samples", type=int, default=8)
+    ap.add_argument("--scoring-spacing-factor", type=float, default=2.0, help="as --conf scoring_spacing_factor")
     ap.add_argument("--hybrid-pool", type=float, default=0.5)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
@@ -387,7 +396,7 @@ def main(argv=None) -> int:
         num_samples=2,
         sw_batch_size=2,
     )
-    scorer = SegmentationScorer(conf, mc_samples=args.mc_samples, spacing_factor=2.0)
+    scorer = SegmentationScorer(conf, mc_samples=args.mc_samples, spacing_factor=args.scoring_spacing_factor)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         print("rendering the cohort ...", flush=True)
