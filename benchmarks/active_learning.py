@@ -363,15 +363,15 @@ def markdown(result: Dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--strategies", default="random,entropy,hybrid")
+    ap.add_argument("--strategies", default="random,entropy,diversity,hybrid")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--pool", type=int, default=24)
-    ap.add_argument("--heldout", type=int, default=8)
+    ap.add_argument("--heldout", type=int, default=16)
     ap.add_argument("--initial", type=int, default=2)
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--max-labels", type=int, default=10)
-    ap.add_argument("--warmup-steps", type=int, default=250)
-    ap.add_argument("--steps", type=int, default=80, help="fine-tuning steps per round")
+    ap.add_argument("--max-labels", type=int, default=14)
+    ap.add_argument("--warmup-steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=200, help="fine-tuning steps per round")
     ap.add_argument("--spacing", type=float, default=6.0, help="training spacing in mm (isotropic)")
     ap.add_argument("--roi", default="32,32,32")
     ap.add_argument("--mc-samples", type=int, default=8)
@@ -425,7 +425,16 @@ def main(argv=None) -> int:
             trainer.train(full, sorted(cases), total_steps, random.Random(seed))
             reference.append({"seed": seed, **trainer.evaluate(full)})
             print(f"seed {seed}: all {len(cases)} labels -> dice {reference[-1]['dice']:.3f}", flush=True)
+            write_results(args, argv, start, results, reference, pool, heldout, scorer)
 
+    print(markdown(write_results(args, argv, start, results, reference, pool, heldout, scorer)))
+    return 0
+
+
+def write_results(args, argv, start, results, reference, pool, heldout, scorer) -> Dict[str, Any]:
+    """Write the JSON, Markdown and PNG for the seeds finished so far (called after every seed)."""
+    done = len(reference)
+    results = {s: {k: v for k, v in by_seed.items() if k < done} for s, by_seed in results.items()}
     summary = summarise(results, reference, args.fraction)
     machine = (
         f"{platform.processor() or platform.machine()}, {args.threads} torch threads, "
@@ -437,7 +446,7 @@ def main(argv=None) -> int:
         "minutes": (time.time() - start) / 60.0,
         "config": {
             **{k: v for k, v in vars(args).items() if k != "out"},
-            "seeds": list(range(args.seeds)),
+            "seeds": list(range(done)),
             "pool_hard": sum(c["hard"] for c in pool),
             "heldout_hard": sum(c["hard"] for c in heldout),
             "scoring_spacing": list(scorer.spacing),
@@ -445,17 +454,14 @@ def main(argv=None) -> int:
         "summary": summary,
         "reference": reference,
         "runs": results,
-        "cases": pool,
+        "cases": [{k: v for k, v in c.items() if k not in ("image", "label")} for c in pool],
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    title = f"{args.pool}-case pool, {len(range(args.seeds))} seeds, {args.steps} steps/round (mean +- std over seeds)"
+    title = f"{args.pool}-case pool, {done} seeds, {args.steps} steps/round (mean +- std over seeds)"
     plot(summary, reference, args.out / "active_learning.png", title)
-    for row in result["cases"]:
-        row.pop("image", None), row.pop("label", None)
     (args.out / "active_learning.json").write_text(json.dumps(result, indent=1, default=float))
     (args.out / "active_learning.md").write_text(markdown(result))
-    print(markdown(result))
-    return 0
+    return result
 
 
 if __name__ == "__main__":
