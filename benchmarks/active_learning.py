@@ -1,11 +1,12 @@
 """Simulated annotation study: how many labels each active-learning strategy needs, against random.
 
-    python benchmarks/active_learning.py                     # the recorded study (about 40 min on 2 CPU cores)
+    python benchmarks/active_learning.py                     # the recorded study (30-40 min on 2 idle CPU cores)
     python benchmarks/active_learning.py --seeds 1 --strategies random,entropy --max-labels 8   # a quick look
 
-The cohort is the sample data's (``cohort_plan("seg", 24)`` and ``cohort_plan("seg_heldout", 8)`` of
-``labelloop_app.synthetic``: the same seeds, orientations, field-of-view cuts and hard cases as ``sample-data/``),
-rendered small (``small=True``, 48-64 voxels per side) so that the whole study fits on a laptop CPU.
+The cohort is the sample data's: ``cohort_plan("seg", 24)`` of ``labelloop_app.synthetic`` (the same seeds,
+orientations, field-of-view cuts and hard cases as ``sample-data/segmentation``) as the pool, and
+``cohort_plan("seg_heldout", 16)`` (the sample data's 8 held-out cases and the next 8) for evaluation, rendered
+small (``small=True``, 48-64 voxels per side) so that the whole study fits on a laptop CPU.
 
 An oracle plays the annotators. Each seed starts from ``--initial`` random labeled cases and a model trained on
 them (``--warmup-steps``). Every round: fine-tune for a fixed ``--steps`` (the SegmentationTrain task's
@@ -281,8 +282,10 @@ def summarise(results: Dict[str, Dict[int, List[Dict]]], reference: List[Dict], 
             for row in rows
             if row.get("entropy_hard_vs_easy")
         ]
+        later = [n for n in labels if n > labels[0]]
         table[strategy] = {
             "labels": labels,
+            "mean_dice_over_rounds": float(np.mean([mean[n] for n in later])) if later else None,
             "mean_dice": mean,
             "std_dice": std,
             "labels_to_target": labels_to_reach(mean, target),
@@ -340,9 +343,9 @@ def markdown(result: Dict[str, Any]) -> str:
         f"All-labels reference (same warm start and total steps on all {cfg['pool']} cases): "
         f"Dice **{s['reference_dice']:.3f}**; target = {s['fraction']:.0%} of it = {s['target_dice']:.3f}.",
         "",
-        "| strategy | labels to reach the target | relative to random | per seed | final Dice | "
-        "final Dice on hard cases | hard cases among picks | entropy AUC hard vs easy |",
-        "|---|---|---|---|---|---|---|---|",
+        "| strategy | labels to reach the target | relative to random | per seed | mean Dice over rounds | "
+        "final Dice | final Dice on hard cases | hard cases among picks | entropy AUC hard vs easy |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def fmt(v, spec=".1f"):
@@ -353,6 +356,7 @@ def markdown(result: Dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {fmt(row['labels_to_target'])} | {fmt(row['relative_to_random'], '.0%')} | "
             f"{', '.join(fmt(v, '.0f') for v in row['labels_to_target_per_seed'])} | "
+            f"{fmt(row['mean_dice_over_rounds'], '.3f')} | "
             f"{row['mean_dice'][last]:.3f} +- {row['std_dice'][last]:.3f} | {row['final_dice_hard']:.3f} | "
             f"{fmt(row['hard_fraction_picked'], '.0%')} | {fmt(row['entropy_auc_hard_vs_easy'], '.2f')} |"
         )

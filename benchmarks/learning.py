@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sample-data", type=Path, default=HERE.parent / "sample-data")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"), help="server --conf")
-    ap.add_argument("--learning-rate", type=float, default=1e-3)
+    ap.add_argument("--learning-rate", type=float, help="initial learning rate (default: the task's)")
     args = ap.parse_args(argv)
 
     generate_sample_data(args.sample_data)
@@ -126,7 +126,8 @@ def main(argv=None) -> int:
         server = start_server(studies, root / "models", root / "server.log", conf)
         try:
             labels = server.info()["labels"]
-            stats = train_with_progress(server, args.minutes, {"learning_rate": args.learning_rate})
+            params = {} if args.learning_rate is None else {"learning_rate": args.learning_rate}
+            stats = train_with_progress(server, args.minutes, params)
             rows = evaluate(server, args.sample_data, labels)
         finally:
             stop_server(server)

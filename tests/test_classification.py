@@ -299,3 +299,26 @@ def test_segmentation_trains_on_final_labels_only_beside_class_labels(cls_server
     assert r.status_code == 200, r.text
     r = cls_server.post("/infer/segmentation?image=lesion_000&output=json")  # any image, any task
     assert r.status_code == 200, r.text
+
+
+def test_slicer_session_classifies_and_submits_a_class(cls_trained, tmp_path):
+    """The Slicer extension's Lib uses the same class-label convention as the server and the command line."""
+    from LabelLoopLib.workflow import AnnotationSession, LabelLoopError
+
+    server = cls_trained.server
+    session = AnnotationSession(LabelLoopClient(server.url), cache_dir=str(tmp_path / "cache"))
+    result = session.classify(UNLABELED)
+    assert result.predicted in CLASSES
+    assert set(result.probabilities) == set(CLASSES)
+    assert abs(sum(result.probabilities.values()) - 1.0) < 1e-4
+
+    session.submit_class("lesion", UNLABELED)
+    assert server.get("/labelloop/classes").json()["labels"][UNLABELED] == "lesion"
+    stored = server.studies / "labels" / "class" / f"{UNLABELED}.json"
+    assert json.loads(stored.read_text()) == {"class": "lesion"}
+
+    before = snapshot(server.studies)
+    with pytest.raises(LabelLoopError, match="unknown class 'tumour'"):
+        session.submit_class("tumour", UNLABELED)
+    assert snapshot(server.studies) == before
+    assert server.delete(f"/datastore/label?id={UNLABELED}&tag=class").status_code == 200

@@ -113,8 +113,8 @@ class SegmentationConf:
     labels: Dict[str, int] = field(default_factory=lambda: dict(DEFAULT_SEG_LABELS))
     network: str = "unet"
     modality: str = "CT"
-    target_spacing: Tuple[float, ...] = (2.0, 2.0, 3.0)
-    roi_size: Tuple[int, ...] = (96, 96, 64)
+    target_spacing: Tuple[float, ...] = (3.0, 3.0, 4.0)
+    roi_size: Tuple[int, ...] = (64, 64, 48)
     sw_batch_size: int = 2
     sw_overlap: float = 0.25
     ct_window: Tuple[float, ...] = (-175.0, 250.0)

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +77,15 @@ class Server:
         return task
 
 
+def _exit_on_sigterm() -> None:
+    """Turn SIGTERM into ``SystemExit`` so that the caller's ``finally: stop_server(...)`` runs: the server lives in
+    its own session (so Ctrl-C in a terminal does not hit it twice) and would otherwise outlive a killed caller."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def start_server(studies: Path, model_dir: Path, log: Path, conf: Dict[str, str], timeout: float = 180) -> Server:
+    _exit_on_sigterm()
     port = free_port()
     cmd = [
         sys.executable,

@@ -12,7 +12,6 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 from monai.data import DataLoader, ThreadDataLoader
-from monai.engines.workflow import Events
 from monai.inferers import SimpleInferer
 from monai.transforms import (
     Activationsd,
@@ -23,13 +22,13 @@ from monai.transforms import (
     SelectItemsd,
 )
 from monailabel.interfaces.datastore import Datastore
-from monailabel.tasks.train.basic_train import BasicTrainTask, Context
+from monailabel.tasks.train.basic_train import Context
 from torch.utils.data import WeightedRandomSampler
 
 from labelloop_app.class_labels import CLASS_TAG, class_labels_of
 from labelloop_app.classification_metrics import PER_CLASS, SCALARS, ClassificationMetrics
 from labelloop_app.conf import ClassificationConf, parse_bool
-from labelloop_app.training import EpochLoss, PublishWithHistory, TimeBudget, metrics_of
+from labelloop_app.training import EpochLoss, LabelLoopTrainTask, metrics_of
 from labelloop_app.transforms import whole_volume_transforms
 
 logger = logging.getLogger(__name__)
@@ -61,51 +60,29 @@ def stratified_split(datalist: List[Dict[str, Any]], val_split: float) -> Tuple[
     return train, val
 
 
-class ClassificationTrain(BasicTrainTask):
+class ClassificationTrain(LabelLoopTrainTask):
     """Cross-entropy training of the whole-volume classifier.
 
     Class balance: a ``WeightedRandomSampler`` draws every class equally often (request ``balance: false`` turns it
     off). Validation: a stratified split (``val_split``), so that both classes are validated even on small sets.
     Augmentation: small rotations, scaling and shifts, intensity scale/shift and noise; no flips, because
     laterality matters (a left-right flip moves the liver, and its lesions, to the wrong side).
-    Request parameters beyond MONAI Label's: ``learning_rate``, ``max_minutes`` (a time budget), ``balance``.
+    Request parameters beyond :class:`LabelLoopTrainTask`'s: ``balance``.
     """
+
+    default_lr = 1e-3
+    weight_decay = 1e-4
 
     def __init__(self, conf: ClassificationConf, model_dir: str, network: torch.nn.Module, publish_path: str):
         self.conf = conf
-        self._network = network
         super().__init__(
+            network,
+            publish_path,
             model_dir=model_dir,
             description=f"Train the {conf.network} classifier from class labels (tag '{CLASS_TAG}')",
-            amp=torch.cuda.is_available(),
-            load_path=publish_path,
-            publish_path=publish_path,
             labels=conf.index_of,
-            load_strict=False,
-            config={
-                "max_epochs": conf.max_epochs,
-                "val_split": 0.2,
-                "train_batch_size": conf.batch_size,
-                "val_batch_size": 1,
-                "learning_rate": 1e-3,
-                "max_minutes": 0,
-                "balance": True,
-                "dataset": "CacheDataset",
-                "dataloader": "ThreadDataLoader",
-                "tracking": "None",
-            },
+            config={"max_epochs": conf.max_epochs, "train_batch_size": conf.batch_size, "balance": True},
         )
-
-    def load_path(self, output_dir, pretrained=True):
-        """Fine-tune from the model being served, when there is one."""
-        return self._load_path if pretrained else None
-
-    def network(self, context: Context):
-        return self._network
-
-    def optimizer(self, context: Context):
-        lr = float(context.request.get("learning_rate", 1e-3))
-        return torch.optim.AdamW(context.network.parameters(), lr=lr, weight_decay=1e-4)
 
     def loss_function(self, context: Context):
         return torch.nn.CrossEntropyLoss()
@@ -195,41 +172,18 @@ class ClassificationTrain(BasicTrainTask):
         out[f"{prefix}confusion_matrix"] = metric.report["confusion_matrix"]
         return out
 
-    def finalize(self, context: Context):
-        """Attach the publisher with per-epoch history (replacing MONAI Label's) and the optional time budget."""
-        if context.local_rank == 0:
-            loss = EpochLoss()
-            loss.attach(context.trainer)
+    def record(self, context: Context, loss: EpochLoss) -> Dict[str, Any]:
+        entry: Dict[str, Any] = {"loss": loss.mean()}
+        entry.update(self._report("train_", getattr(context, "train_metric", None), context.trainer))
+        if context.evaluator is not None:
+            entry.update(self._report("val_", getattr(context, "val_metric", None), context.evaluator))
+        return entry
 
-            def record() -> Dict[str, Any]:
-                entry: Dict[str, Any] = {"loss": loss.mean()}
-                entry.update(self._report("train_", getattr(context, "train_metric", None), context.trainer))
-                if context.evaluator is not None:
-                    entry.update(self._report("val_", getattr(context, "val_metric", None), context.evaluator))
-                return entry
-
-            counts = np.bincount([d["label"] for d in context.datalist], minlength=len(self.conf.classes))
-            publisher = PublishWithHistory(
-                self._stats_path,
-                self._publish_path,
-                self._key_metric_filename,
-                context.start_ts,
-                context.run_id,
-                context.output_dir,
-                context.trainer,
-                context.evaluator,
-                record=record,
-                extra={
-                    "classes": list(self.conf.classes),
-                    "class_counts": {n: int(c) for n, c in zip(self.conf.classes, counts)},
-                    "network": self.conf.network,
-                    "train_images": len(context.train_datalist),
-                    "val_images": len(context.val_datalist),
-                },
-            )
-            engine = context.evaluator or context.trainer
-            engine.add_event_handler(Events.EPOCH_COMPLETED, publisher)
-
-        minutes = float(context.request.get("max_minutes", 0) or 0)
-        if minutes > 0:
-            TimeBudget(minutes).attach(context.trainer)
+    def stats_extra(self, context: Context) -> Dict[str, Any]:
+        counts = np.bincount([d["label"] for d in context.datalist], minlength=len(self.conf.classes))
+        return {
+            "classes": list(self.conf.classes),
+            "class_counts": {n: int(c) for n, c in zip(self.conf.classes, counts)},
+            "network": self.conf.network,
+            **super().stats_extra(context),
+        }

@@ -6,7 +6,6 @@ import logging
 from typing import Any, Dict
 
 import torch
-from monai.engines.workflow import Events
 from monai.inferers import SlidingWindowInferer
 from monai.losses import DiceCELoss
 from monai.transforms import (
@@ -25,11 +24,11 @@ from monai.transforms import (
     Spacingd,
     SpatialPadd,
 )
-from monailabel.tasks.train.basic_train import BasicTrainTask, Context
+from monailabel.tasks.train.basic_train import Context
 from monailabel.tasks.train.utils import region_wise_metrics
 
 from labelloop_app.conf import SegmentationConf
-from labelloop_app.training import EpochLoss, PublishWithHistory, TimeBudget, metrics_of
+from labelloop_app.training import EpochLoss, LabelLoopTrainTask, metrics_of
 from labelloop_app.transforms import LabelValuesToChannelsd, LoadSITKd, intensity_transforms
 
 logger = logging.getLogger(__name__)
@@ -37,49 +36,24 @@ logger = logging.getLogger(__name__)
 KEYS = ("image", "label")
 
 
-class SegmentationTrain(BasicTrainTask):
+class SegmentationTrain(LabelLoopTrainTask):
     """DiceCE training on patches balanced between background and the organs (each organ equally often).
 
     Augmentation: small affine, intensity scale/shift, noise, and flips along the anterior-posterior and
     superior-inferior axes only: a left-right flip would swap ``kidney_left`` and ``kidney_right``.
-    Request parameters beyond MONAI Label's: ``learning_rate``, ``num_samples``, ``max_minutes`` (a time budget).
+    Request parameters beyond :class:`LabelLoopTrainTask`'s: ``num_samples`` (patches per image per iteration).
     """
 
     def __init__(self, conf: SegmentationConf, model_dir: str, network: torch.nn.Module, publish_path: str):
         self.conf = conf
-        self._network = network
         super().__init__(
+            network,
+            publish_path,
             model_dir=model_dir,
             description=f"Train the {conf.network} segmentation model from final labels",
-            amp=torch.cuda.is_available(),
-            load_path=publish_path,
-            publish_path=publish_path,
             labels=dict(conf.labels),
-            load_strict=False,
-            config={
-                "max_epochs": conf.max_epochs,
-                "val_split": 0.2,
-                "train_batch_size": 1,
-                "val_batch_size": 1,
-                "learning_rate": 1e-3,
-                "num_samples": conf.num_samples,
-                "max_minutes": 0,
-                "dataset": "CacheDataset",
-                "dataloader": "ThreadDataLoader",
-                "tracking": "None",
-            },
+            config={"max_epochs": conf.max_epochs, "train_batch_size": 1, "num_samples": conf.num_samples},
         )
-
-    def load_path(self, output_dir, pretrained=True):
-        """Fine-tune from the model being served, when there is one."""
-        return self._load_path if pretrained else None
-
-    def network(self, context: Context):
-        return self._network
-
-    def optimizer(self, context: Context):
-        lr = float(context.request.get("learning_rate", 1e-3))
-        return torch.optim.AdamW(context.network.parameters(), lr=lr, weight_decay=1e-5)
 
     def loss_function(self, context: Context):
         return DiceCELoss(to_onehot_y=True, softmax=True)
@@ -147,42 +121,15 @@ class SegmentationTrain(BasicTrainTask):
     def val_key_metric(self, context: Context):
         return region_wise_metrics(self.conf.channel_of, "val_mean_dice", "val")
 
-    def finalize(self, context: Context):
-        """Attach the publisher with per-epoch history (replacing MONAI Label's) and the optional time budget."""
-        if context.local_rank == 0:
-            loss = EpochLoss()
-            loss.attach(context.trainer)
+    def record(self, context: Context, loss: EpochLoss) -> Dict[str, Any]:
+        train = metrics_of(context.trainer, "train_")
+        val = metrics_of(context.evaluator, "val_")
+        entry: Dict[str, Any] = {"loss": loss.mean(), "train_mean_dice": train.get("mean_dice")}
+        if val:
+            entry["val_mean_dice"] = val.get("mean_dice")
+            entry["val_dice"] = {n: val.get(f"{n}_mean_dice") for n in self.conf.labels}
+        entry["train_dice"] = {n: train.get(f"{n}_mean_dice") for n in self.conf.labels}
+        return entry
 
-            def record() -> Dict[str, Any]:
-                train = metrics_of(context.trainer, "train_")
-                val = metrics_of(context.evaluator, "val_")
-                entry: Dict[str, Any] = {"loss": loss.mean(), "train_mean_dice": train.get("mean_dice")}
-                if val:
-                    entry["val_mean_dice"] = val.get("mean_dice")
-                    entry["val_dice"] = {n: val.get(f"{n}_mean_dice") for n in self.conf.labels}
-                entry["train_dice"] = {n: train.get(f"{n}_mean_dice") for n in self.conf.labels}
-                return entry
-
-            publisher = PublishWithHistory(
-                self._stats_path,
-                self._publish_path,
-                self._key_metric_filename,
-                context.start_ts,
-                context.run_id,
-                context.output_dir,
-                context.trainer,
-                context.evaluator,
-                record=record,
-                extra={
-                    "labels": dict(self.conf.labels),
-                    "network": self.conf.network,
-                    "train_images": len(context.train_datalist),
-                    "val_images": len(context.val_datalist),
-                },
-            )
-            engine = context.evaluator or context.trainer
-            engine.add_event_handler(Events.EPOCH_COMPLETED, publisher)
-
-        minutes = float(context.request.get("max_minutes", 0) or 0)
-        if minutes > 0:
-            TimeBudget(minutes).attach(context.trainer)
+    def stats_extra(self, context: Context) -> Dict[str, Any]:
+        return {"labels": dict(self.conf.labels), "network": self.conf.network, **super().stats_extra(context)}

@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from monai.engines.workflow import Engine, Events
+from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 from monailabel.tasks.train.handler import PublishStatsAndModel, prepare_stats
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,38 @@ class TimeBudget:
             engine.terminate()
 
 
+class PolyLR:
+    """Polynomial learning-rate decay (nnU-Net's ``(1 - progress) ** 0.9``) over the run.
+
+    ``progress`` is the larger of the share of iterations done (``max_epochs``) and the share of the time budget
+    spent (``max_minutes``), so a run limited by either one anneals to a low rate by its end: a short CPU run
+    gains more from this than from any fixed rate.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, minutes: float = 0.0, power: float = 0.9, floor: float = 0.02):
+        self.optimizer = optimizer
+        self.base = [g["lr"] for g in optimizer.param_groups]
+        self.seconds = minutes * 60.0
+        self.power = power
+        self.floor = floor
+        self.start = time.time()
+
+    def attach(self, trainer: Engine) -> None:
+        trainer.add_event_handler(Events.ITERATION_STARTED, self._step)
+
+    def progress(self, engine: Engine) -> float:
+        total = (engine.state.max_epochs or 1) * (engine.state.epoch_length or 1)
+        done = engine.state.iteration / max(total, 1)
+        if self.seconds > 0:
+            done = max(done, (time.time() - self.start) / self.seconds)
+        return min(max(done, 0.0), 1.0)
+
+    def _step(self, engine: Engine) -> None:
+        factor = max((1.0 - self.progress(engine)) ** self.power, self.floor)
+        for group, base in zip(self.optimizer.param_groups, self.base):
+            group["lr"] = base * factor
+
+
 class PublishWithHistory(PublishStatsAndModel):
     """MONAI Label's publisher plus an epoch-by-epoch history, written and published atomically.
 
@@ -134,3 +167,84 @@ def metrics_of(engine: Optional[Engine], prefix: str) -> Dict[str, float]:
     if engine is None:
         return {}
     return {k[len(prefix) :] if k.startswith(prefix) else k: float(_scalar(v)) for k, v in engine.state.metrics.items()}
+
+
+class LabelLoopTrainTask(BasicTrainTask):
+    """What every LabelLoop trainer shares on top of MONAI Label's ``BasicTrainTask``.
+
+    Fine-tuning from the model being served, AdamW with a polynomially decaying rate, an optional time budget
+    (request ``max_minutes``), and a publisher that keeps a per-epoch history in the train stats and publishes the
+    best model atomically. Subclasses give ``record`` (the history entry of an epoch) and ``stats_extra``.
+    Request parameters beyond MONAI Label's: ``learning_rate``, ``max_minutes``.
+    """
+
+    default_lr = 2e-3
+    weight_decay = 1e-5
+
+    def __init__(self, network: torch.nn.Module, publish_path: str, config: Dict[str, Any], **kwargs):
+        self._network = network
+        base = {
+            "val_split": 0.2,
+            "val_batch_size": 1,
+            "learning_rate": self.default_lr,
+            "max_minutes": 0,
+            "dataset": "CacheDataset",
+            "dataloader": "ThreadDataLoader",
+            "tracking": "None",
+        }
+        super().__init__(
+            amp=torch.cuda.is_available(),
+            load_path=publish_path,
+            publish_path=publish_path,
+            load_strict=False,
+            config={**base, **config},
+            **kwargs,
+        )
+
+    def load_path(self, output_dir, pretrained=True):
+        """Fine-tune from the model being served, when there is one."""
+        return self._load_path if pretrained else None
+
+    def network(self, context: Context):
+        return self._network
+
+    def optimizer(self, context: Context):
+        lr = float(context.request.get("learning_rate", self.default_lr))
+        return torch.optim.AdamW(context.network.parameters(), lr=lr, weight_decay=self.weight_decay)
+
+    def lr_scheduler_handler(self, context: Context):
+        """None: :class:`PolyLR`, attached in :meth:`finalize`, sets the rate at every iteration."""
+        return None
+
+    def record(self, context: Context, loss: EpochLoss) -> Dict[str, Any]:
+        """The history entry of the epoch just completed."""
+        return {"loss": loss.mean()}
+
+    def stats_extra(self, context: Context) -> Dict[str, Any]:
+        """Fields added to the train stats besides the history."""
+        return {"train_images": len(context.train_datalist), "val_images": len(context.val_datalist)}
+
+    def finalize(self, context: Context):
+        """Attach the publisher with per-epoch history (replacing MONAI Label's), the rate decay and the budget."""
+        minutes = float(context.request.get("max_minutes", 0) or 0)
+        if context.local_rank == 0:
+            loss = EpochLoss()
+            loss.attach(context.trainer)
+            publisher = PublishWithHistory(
+                self._stats_path,
+                self._publish_path,
+                self._key_metric_filename,
+                context.start_ts,
+                context.run_id,
+                context.output_dir,
+                context.trainer,
+                context.evaluator,
+                record=lambda: self.record(context, loss),
+                extra=self.stats_extra(context),
+            )
+            engine = context.evaluator or context.trainer
+            engine.add_event_handler(Events.EPOCH_COMPLETED, publisher)
+
+        PolyLR(context.optimizer, minutes).attach(context.trainer)
+        if minutes > 0:
+            TimeBudget(minutes).attach(context.trainer)
