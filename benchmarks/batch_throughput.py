@@ -50,7 +50,7 @@ NOTE = (
     "I/O and pre-processing. Sequential `/infer` on loopback loses little to HTTP: a compressed label map is about "
     "100 KB, and an upload of a 10 MB volume costs a fraction of a second. What the batch adds regardless of speed: "
     "one request for the whole datastore, progress, cancellation, failures isolated per image, no client process. "
-    "Other processes shared this machine during the runs (see the load average), so the rounds differ."
+    "The 1-minute load average above counts this benchmark's own threads; above 2 means other work shared the CPU."
 )
 MODES = ["sequential_infer_by_id", "sequential_infer_upload", "batch_serial", "batch_pipelined"]
 
