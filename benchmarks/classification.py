@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 import tempfile
@@ -23,48 +22,38 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+import SimpleITK as sitk
+from common import command, machine, train_with_progress, write_results
 from tqdm import tqdm
 
 from labelloop_app.class_labels import CLASS_EXT, CLASS_TAG, write_class_label
 from labelloop_app.classification_metrics import classification_report
 from labelloop_app.devserver import start_server, stop_server
-from labelloop_app.synthetic import generate_sample_data
+from labelloop_app.synthetic import cohort_plan, generate_sample_data, make_lesion_phantom
 
 HERE = Path(__file__).resolve().parent
 SIZE_BINS = ((0.0, 5.0), (5.0, 10.0), (10.0, 100.0))
 
 
-def prepare_studies(sample: Path, root: Path) -> Path:
-    """Every classification study with its true class as a class label."""
+def prepare_studies(sample: Path, root: Path, extra: int = 0) -> Path:
+    """Every classification study with its true class as a class label, plus ``extra`` more generated cases (a
+    cohort of the generator's own seed 1, independent of the sample data and of the held-out cases)."""
     studies = root / "studies"
     studies.mkdir(parents=True)
     truth = json.loads((sample / "classification_truth.json").read_text())
     for image_id, case in truth.items():
         shutil.copy(sample / "classification" / f"{image_id}.nii.gz", studies / f"{image_id}.nii.gz")
         write_class_label(str(studies / "labels" / CLASS_TAG / f"{image_id}{CLASS_EXT}"), case["class"])
+    for case in tqdm(cohort_plan("cls", extra, seed=1), desc="extra training cases", disable=not extra):
+        image_id = f"extra_{case.pop('id')}"
+        image, info = make_lesion_phantom(**case)
+        sitk.WriteImage(image, str(studies / f"{image_id}.nii.gz"), useCompression=True)
+        write_class_label(str(studies / "labels" / CLASS_TAG / f"{image_id}{CLASS_EXT}"), info["class"])
     return studies
 
 
-def train_with_progress(server, minutes: float, params: dict) -> dict:
-    r = server.post("/train/classification", json={"max_epochs": 10000, "max_minutes": minutes, **params})
-    r.raise_for_status()
-    start = time.time()
-    with tqdm(total=int(minutes * 60), desc="training", unit="s") as bar:
-        while True:
-            task = server.get("/train/").json()
-            bar.n = min(int(time.time() - start), bar.total)
-            stats = server.info()["train_stats"].get("classification", {})
-            if stats.get("history"):
-                last = stats["history"][-1]
-                bar.set_postfix(epoch=stats["epoch"], loss=f"{last['loss']:.3f}", val_auc=last.get("val_auc"))
-            bar.refresh()
-            if task.get("status") not in ("SUBMITTED", "RUNNING", "QUEUED"):
-                break
-            time.sleep(5)
-    if task.get("status") != "DONE":
-        raise RuntimeError(f"training failed: {task}\n{server.log_tail()}")
-    return server.info()["train_stats"]["classification"]
+def auc_postfix(entry: dict) -> dict:
+    return {"loss": f"{entry['loss']:.3f}", "val_auc": entry.get("val_auc")}
 
 
 def evaluate(server, sample: Path) -> list:
@@ -120,7 +109,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sample-data", type=Path, default=HERE.parent / "sample-data")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"), help="server --conf")
-    ap.add_argument("--learning-rate", type=float, default=1e-3)
+    ap.add_argument("--extra-train", type=int, default=0, help="generated training cases beyond the sample data's")
+    ap.add_argument("--learning-rate", type=float, help="initial learning rate (default: the task's)")
     args = ap.parse_args(argv)
 
     generate_sample_data(args.sample_data)
@@ -128,11 +118,12 @@ def main(argv=None) -> int:
     conf = {"tasks": "classification", "auto_scoring": "false", **dict(args.conf)}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        studies = prepare_studies(args.sample_data, root)
+        studies = prepare_studies(args.sample_data, root, args.extra_train)
         server = start_server(studies, root / "models", root / "server.log", conf)
         try:
             classes = server.info()["models"]["classification"]["config"]["classes"]
-            stats = train_with_progress(server, args.minutes, {"learning_rate": args.learning_rate})
+            params = {} if args.learning_rate is None else {"learning_rate": args.learning_rate}
+            stats = train_with_progress(server, "classification", args.minutes, params, auc_postfix)
             rows = evaluate(server, args.sample_data)
         finally:
             stop_server(server)
@@ -148,9 +139,8 @@ def main(argv=None) -> int:
         by_size.append({"radius_mm": [lo, hi], "lesions": len(cases), "detected": found})
     best = max(stats["history"], key=lambda h: h.get("val_auc") or 0.0)
     result = {
-        "command": "python benchmarks/classification.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"{'CUDA' if torch.cuda.is_available() else 'CPU only'}",
+        "command": command("classification.py", argv),
+        "machine": machine(),
         "budget_minutes": args.minutes,
         "network": stats["network"],
         "epochs": stats["epoch"],
@@ -169,7 +159,6 @@ def main(argv=None) -> int:
         "misclassified": wrong,
         "cases": rows,
     }
-    (args.out / "classification.json").write_text(json.dumps(result, indent=2))
     plot(stats, args.out / "classification.png")
     auc = report["auc"]
     lines = [
@@ -203,8 +192,7 @@ def main(argv=None) -> int:
             "",
         ]
     lines.append("![learning curve](classification.png)")
-    (args.out / "classification.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, "classification", result, lines)
     return 0
 
 

@@ -12,8 +12,6 @@ Writes ``benchmarks/results/inference_speed.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import shutil
 import sys
 import tempfile
@@ -22,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-import torch
+from common import command, machine, write_results
 
 from labelloop_app.devserver import peak_rss_mb, start_server, stop_server
 from labelloop_app.synthetic import make_phantom
@@ -114,13 +112,11 @@ def main(argv=None) -> int:
         rows = [measure(c, model, root, conf, args.repeats) for c in cases]
 
     result = {
-        "command": "python benchmarks/inference_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
-        f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU only'}",
+        "command": command("inference_speed.py", argv),
+        "machine": machine(),
         "targets": {"wall_seconds": 30, "peak_rss_mb": 4096},
         "cases": rows,
     }
-    (args.out / "inference_speed.json").write_text(json.dumps(result, indent=2))
     lines = [
         "# Inference speed and memory",
         "",
@@ -137,8 +133,7 @@ def main(argv=None) -> int:
         "",
         "Target: at most 30 s and 4 GB peak per inference on a 2-core CPU.",
     ]
-    (args.out / "inference_speed.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, "inference_speed", result, lines)
     return 0
 
 

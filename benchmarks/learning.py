@@ -11,8 +11,6 @@ case through the server and reports per-label Dice at the input resolution. Writ
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import shutil
 import sys
 import tempfile
@@ -21,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-import torch
+from common import command, machine, train_with_progress, write_results
 from tqdm import tqdm
 
 from labelloop_app.devserver import start_server, stop_server
@@ -46,24 +44,8 @@ def prepare_studies(sample: Path, root: Path) -> Path:
     return studies
 
 
-def train_with_progress(server, minutes: float, params: dict) -> dict:
-    r = server.post("/train/segmentation", json={"max_epochs": 10000, "max_minutes": minutes, **params})
-    r.raise_for_status()
-    start = time.time()
-    with tqdm(total=int(minutes * 60), desc="training", unit="s") as bar:
-        while True:
-            task = server.get("/train/").json()
-            bar.n = min(int(time.time() - start), bar.total)
-            stats = server.info()["train_stats"].get("segmentation", {})
-            if stats.get("history"):
-                bar.set_postfix(epoch=stats["epoch"], val_dice=f"{stats['history'][-1].get('val_mean_dice', 0):.3f}")
-            bar.refresh()
-            if task.get("status") not in ("SUBMITTED", "RUNNING", "QUEUED"):
-                break
-            time.sleep(5)
-    if task.get("status") != "DONE":
-        raise RuntimeError(f"training failed: {task}\n{server.log_tail()}")
-    return server.info()["train_stats"]["segmentation"]
+def dice_postfix(entry: dict) -> dict:
+    return {"val_dice": f"{entry.get('val_mean_dice') or 0:.3f}"}
 
 
 def evaluate(server, sample: Path, labels: dict) -> list:
@@ -127,16 +109,15 @@ def main(argv=None) -> int:
         try:
             labels = server.info()["labels"]
             params = {} if args.learning_rate is None else {"learning_rate": args.learning_rate}
-            stats = train_with_progress(server, args.minutes, params)
+            stats = train_with_progress(server, "segmentation", args.minutes, params, dice_postfix)
             rows = evaluate(server, args.sample_data, labels)
         finally:
             stop_server(server)
 
     per_label = {n: float(np.nanmean([r[n] for r in rows])) for n in labels}
     result = {
-        "command": "python benchmarks/learning.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"{'CUDA' if torch.cuda.is_available() else 'CPU only'}",
+        "command": command("learning.py", argv),
+        "machine": machine(),
         "budget_minutes": args.minutes,
         "epochs": stats["epoch"],
         "train_images": stats["train_images"],
@@ -148,7 +129,6 @@ def main(argv=None) -> int:
         "cases": rows,
         "network": stats["network"],
     }
-    (args.out / "learning.json").write_text(json.dumps(result, indent=2))
     plot(stats, args.out / "learning.png")
     lines = [
         "# Learning benchmark",
@@ -163,8 +143,7 @@ def main(argv=None) -> int:
         "",
         "![learning curve](learning.png)",
     ]
-    (args.out / "learning.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, "learning", result, lines)
     return 0
 
 

@@ -27,13 +27,12 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer, SimpleInferer
 from monai.transforms import Activationsd
 from monailabel.interfaces.tasks.infer_v2 import InferType
-from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from labelloop_app.conf import ClassificationConf
 from labelloop_app.errors import BadRequest, ModelNotTrained, UnprocessableInput
 from labelloop_app.explain import RestoreMapd, explain_method, gradcam_map, occlusion_map
 from labelloop_app.geometry import UnreadableImageError, write_image
-from labelloop_app.model_file import ModelFile
+from labelloop_app.model_file import VersionedInferTask
 from labelloop_app.networks import CAM_LAYERS
 from labelloop_app.transforms import whole_volume_transforms
 from labelloop_app.uncertainty import MEASURES
@@ -48,16 +47,16 @@ def class_probabilities(pred: Any) -> np.ndarray:
     return p / p.sum()
 
 
-class ClassificationInfer(BasicInferTask):
+class ClassificationInfer(VersionedInferTask):
     """Whole-volume classification: RAS, fixed spacing, body crop, windowing, fixed size; softmax over classes."""
 
     def __init__(self, conf: ClassificationConf, model_path: str, network: torch.nn.Module):
         super().__init__(
-            path=model_path,
-            network=network,
+            conf,
+            model_path,
+            network,
             type=InferType.CLASSIFICATION,
             labels={name: i for i, name in enumerate(conf.classes)},
-            dimension=3,
             description=f"Image classification ({conf.network}, {conf.modality}): {', '.join(conf.classes)}",
             config={
                 "explain": False,
@@ -67,16 +66,7 @@ class ClassificationInfer(BasicInferTask):
                 "target_spacing": list(conf.target_spacing),
                 "spatial_size": list(conf.spatial_size),
             },
-            load_strict=True,
         )
-        self.conf = conf
-        self.model_file = ModelFile(model_path)
-
-    def info(self) -> Dict[str, Any]:
-        info = super().info()
-        info["trained"] = self.model_file.exists()
-        info["model_version"] = self.model_file.version()
-        return info
 
     def pre_transforms(self, data=None) -> Sequence[Callable]:
         c = self.conf

@@ -11,28 +11,27 @@ import torch
 from monai.inferers import Inferer, SlidingWindowInferer
 from monai.transforms import Activationsd, EnsureTyped, Orientationd, Spacingd
 from monailabel.interfaces.tasks.infer_v2 import InferType
-from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from labelloop_app.conf import SegmentationConf
 from labelloop_app.errors import ModelNotTrained, UnprocessableInput
 from labelloop_app.geometry import UnreadableImageError, image_extension, write_image
-from labelloop_app.model_file import ModelFile
+from labelloop_app.model_file import VersionedInferTask
 from labelloop_app.transforms import LoadSITKd, RestoreLabelsd, channel_values, intensity_transforms
 
 logger = logging.getLogger(__name__)
 
 
-class SegmentationInfer(BasicInferTask):
+class SegmentationInfer(VersionedInferTask):
     """Orientation to RAS, resampling to the target spacing, CT windowing or MR z-score, sliding-window inference,
     then per-class probabilities resampled back onto the input grid (see :class:`RestoreLabelsd`)."""
 
     def __init__(self, conf: SegmentationConf, model_path: str, network: torch.nn.Module):
         super().__init__(
-            path=model_path,
-            network=network,
+            conf,
+            model_path,
+            network,
             type=InferType.SEGMENTATION,
             labels=dict(conf.labels),
-            dimension=3,
             description=f"Multi-organ segmentation ({conf.network}, {conf.modality}): {', '.join(conf.labels)}",
             roi_size=conf.roi_size,
             config={
@@ -43,16 +42,7 @@ class SegmentationInfer(BasicInferTask):
                 "modality": conf.modality,
                 "target_spacing": list(conf.target_spacing),
             },
-            load_strict=True,
         )
-        self.conf = conf
-        self.model_file = ModelFile(model_path)
-
-    def info(self) -> Dict[str, Any]:
-        info = super().info()
-        info["trained"] = self.model_file.exists()
-        info["model_version"] = self.model_file.version()
-        return info
 
     def pre_transforms(self, data=None) -> Sequence[Callable]:
         return [

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Tuple
+from typing import Any, Dict, Tuple
+
+import torch
+from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 
 class ModelFile:
@@ -32,3 +35,18 @@ class ModelFile:
                     h.update(block)
             self._cache = (mtime, h.hexdigest()[:12])
         return self._cache[1]
+
+
+class VersionedInferTask(BasicInferTask):
+    """A 3D ``BasicInferTask`` whose ``info()`` says whether its model is trained and which version it serves."""
+
+    def __init__(self, conf: Any, model_path: str, network: torch.nn.Module, **kwargs):
+        super().__init__(path=model_path, network=network, dimension=3, load_strict=True, **kwargs)
+        self.conf = conf
+        self.model_file = ModelFile(model_path)
+
+    def info(self) -> Dict[str, Any]:
+        info = super().info()
+        info["trained"] = self.model_file.exists()
+        info["model_version"] = self.model_file.version()
+        return info

@@ -520,17 +520,7 @@ class LabelLoopClient:
 
     def train_status(self, all: bool = False, check_if_running: bool = False) -> Any:  # noqa: A002
         """``GET /train/``: the latest training task (or all); ``None`` when there is none (or none running)."""
-        try:
-            response = self.request(
-                "GET",
-                "/train/",
-                params={"all": str(bool(all)).lower(), "check_if_running": str(bool(check_if_running)).lower()},
-            )
-        except ServerError as e:
-            if e.status_code == 404:
-                return None
-            raise
-        return self._json(response)
+        return self._task_status("/train/", all, check_if_running)
 
     def train_stop(self) -> Any:
         """``DELETE /train/``: stop the running training task."""
@@ -550,12 +540,13 @@ class LabelLoopClient:
 
     def batch_infer_status(self, all: bool = False, check_if_running: bool = False) -> Any:  # noqa: A002
         """``GET /batch/infer``: the latest batch inference task; ``None`` when there is none."""
+        return self._task_status("/batch/infer", all, check_if_running)
+
+    def _task_status(self, path: str, all: bool, check_if_running: bool) -> Any:  # noqa: A002
+        """MONAI Label's task status endpoints answer 404 when there is no task: that is ``None`` here."""
+        flags = {"all": str(bool(all)).lower(), "check_if_running": str(bool(check_if_running)).lower()}
         try:
-            response = self.request(
-                "GET",
-                "/batch/infer",
-                params={"all": str(bool(all)).lower(), "check_if_running": str(bool(check_if_running)).lower()},
-            )
+            response = self.request("GET", path, params=flags)
         except ServerError as e:
             if e.status_code == 404:
                 return None

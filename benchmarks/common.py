@@ -1,0 +1,62 @@
+"""What the benchmark scripts share: the machine line, timed training through the server, writing the results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+from tqdm import tqdm
+
+
+def command(script: str, argv: Optional[Sequence[str]]) -> str:
+    """The command line that reproduces a run."""
+    return f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+
+
+def machine() -> str:
+    """CPU, cores, torch threads and the accelerator, in one line."""
+    device = f"CUDA {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "CPU only"
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} torch threads, {device}"
+    )
+
+
+def train_with_progress(
+    server, model: str, minutes: float, params: Dict[str, Any], postfix: Callable[[Dict[str, Any]], Dict[str, Any]]
+) -> Dict[str, Any]:
+    """Train ``model`` from scratch for ``minutes`` through the server with a progress bar; its train stats.
+
+    ``postfix`` turns the latest history entry into the figures shown beside the bar.
+    """
+    r = server.post(f"/train/{model}", json={"max_epochs": 10000, "max_minutes": minutes, **params})
+    r.raise_for_status()
+    start = time.time()
+    with tqdm(total=int(minutes * 60), desc="training", unit="s") as bar:
+        while True:
+            task = server.get("/train/").json()
+            bar.n = min(int(time.time() - start), bar.total)
+            stats = server.info()["train_stats"].get(model, {})
+            if stats.get("history"):
+                bar.set_postfix(epoch=stats["epoch"], **postfix(stats["history"][-1]))
+            bar.refresh()
+            if task.get("status") not in ("SUBMITTED", "RUNNING", "QUEUED"):
+                break
+            time.sleep(5)
+    if task.get("status") != "DONE":
+        raise RuntimeError(f"training failed: {task}\n{server.log_tail()}")
+    return server.info()["train_stats"][model]
+
+
+def write_results(out: Path, name: str, result: Dict[str, Any], lines: List[str]) -> None:
+    """``<name>.json`` and ``<name>.md`` under ``out``; the report is printed too."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=float))
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))

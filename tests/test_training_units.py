@@ -1,0 +1,50 @@
+"""Units of the shared trainer pieces: the learning-rate decay and the time budget."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from ignite.engine import Engine
+
+from labelloop_app.training import PolyLR, TimeBudget
+
+
+def run_engine(handler_factory, epochs: int = 3, length: int = 4, sleep: float = 0.0):
+    net = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    seen = []
+
+    def step(engine, batch):
+        seen.append(opt.param_groups[0]["lr"])
+        if sleep:
+            time.sleep(sleep)
+
+    engine = Engine(step)
+    handler_factory(opt).attach(engine)
+    engine.run(range(length), max_epochs=epochs)
+    return seen, engine
+
+
+def test_poly_decay_over_iterations_starts_at_the_base_rate_and_anneals():
+    lrs, _ = run_engine(lambda opt: PolyLR(opt))
+    assert len(lrs) == 12
+    assert lrs[0] == pytest.approx(0.1 * (1 - 1 / 12) ** 0.9)
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert lrs[-1] == pytest.approx(0.1 * 0.02)  # the floor, not zero
+
+
+def test_poly_decay_follows_the_time_budget_when_it_ends_first():
+    # 12 iterations of 50 ms against a 0.3 s budget: the rate reaches its floor by time, long before the last epoch
+    lrs, _ = run_engine(lambda opt: PolyLR(opt, minutes=0.3 / 60), sleep=0.05)
+    assert lrs[-1] == pytest.approx(0.1 * 0.02)
+    iteration_only = [0.1 * max((1 - (i + 1) / 12) ** 0.9, 0.02) for i in range(12)]
+    assert lrs[6] < iteration_only[6]
+
+
+def test_time_budget_stops_the_run_early():
+    lrs, engine = run_engine(lambda opt: TimeBudget(0.1 / 60), epochs=100, sleep=0.02)
+    # 0.1 s of 20 ms iterations: a handful of iterations, not the 400 the epochs ask for
+    assert engine.state.epoch < 100
+    assert 3 <= len(lrs) < 40
