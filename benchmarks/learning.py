@@ -97,6 +97,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"), help="server --conf")
     ap.add_argument("--learning-rate", type=float, help="initial learning rate (default: the task's)")
+    ap.add_argument("--save-model", type=Path, help="keep the trained model (for batch_throughput.py --model)")
     args = ap.parse_args(argv)
 
     generate_sample_data(args.sample_data)
@@ -111,6 +112,8 @@ def main(argv=None) -> int:
             params = {} if args.learning_rate is None else {"learning_rate": args.learning_rate}
             stats = train_with_progress(server, "segmentation", args.minutes, params, dice_postfix)
             rows = evaluate(server, args.sample_data, labels)
+            if args.save_model:
+                shutil.copy(next((root / "models").glob("segmentation_*.pt")), args.save_model)
         finally:
             stop_server(server)
 
