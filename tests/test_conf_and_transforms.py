@@ -11,6 +11,7 @@ import torch
 
 from conftest import REALDATA
 from labelloop_app.conf import ConfError, SegmentationConf, parse_labels, parse_tasks
+from labelloop_app.datastore import present_values
 from labelloop_app.labels import DEFAULT_SEG_LABELS, remap_by_name
 from labelloop_app.networks import segmentation_network
 from labelloop_app.transforms import LabelValuesToChannelsd, channel_values, intensity_transforms
@@ -94,3 +95,12 @@ def test_uncertainty_measures():
     assert least_confidence(certain) == 0.0 and abs(least_confidence(uniform) - 1.0) < 1e-9
     voxels = np.stack([np.ones((2, 2)), np.zeros((2, 2))])
     assert entropy(voxels).shape == (2, 2)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.int32])
+def test_present_values_match_numpy_unique(dtype):
+    rng = np.random.default_rng(4)
+    values = rng.choice(np.array([0, 2, 7, 300 if dtype != np.uint8 else 9]), size=(6, 7, 8)).astype(dtype)
+    if np.issubdtype(dtype, np.signedinteger):
+        values[0, 0, 0] = -3
+    np.testing.assert_array_equal(present_values(values), np.unique(values))

@@ -40,6 +40,13 @@ def describe_values(labels: Dict[str, int]) -> str:
     return ", ".join(f"{n}={v}" for n, v in labels.items())
 
 
+def present_values(values: np.ndarray) -> np.ndarray:
+    """The distinct values of a label map (a histogram for small unsigned types: several times faster than sorting)."""
+    if values.dtype in (np.uint8, np.uint16):
+        return np.flatnonzero(np.bincount(values.ravel()))
+    return np.unique(values)
+
+
 class SegmentationLabelCheck:
     """Label map on the image's grid with values among ``{0} U labels.values()``."""
 
@@ -58,7 +65,7 @@ class SegmentationLabelCheck:
             raise UnprocessableInput(
                 f"label geometry does not match image {image_id!r}: " + "; ".join(problems) + " (label != image)"
             )
-        present = np.unique(values)
+        present = present_values(values)
         unknown = np.setdiff1d(present, self.allowed)
         if unknown.size:
             raise UnprocessableInput(
