@@ -25,7 +25,6 @@ import argparse
 import copy
 import json
 import math
-import platform
 import random
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from typing import Any, Dict, List, Sequence
 import numpy as np
 import SimpleITK as sitk
 import torch
+from common import command, machine
 from monai.data import CacheDataset
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import Compose
@@ -440,13 +440,9 @@ def write_results(args, argv, start, results, reference, pool, heldout, scorer) 
     done = len(reference)
     results = {s: {k: v for k, v in by_seed.items() if k < done} for s, by_seed in results.items()}
     summary = summarise(results, reference, args.fraction)
-    machine = (
-        f"{platform.processor() or platform.machine()}, {args.threads} torch threads, "
-        f"{'CUDA' if torch.cuda.is_available() else 'CPU only'}"
-    )
     result = {
-        "command": "python benchmarks/active_learning.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine,
+        "command": command("active_learning.py", argv),
+        "machine": machine(),
         "minutes": (time.time() - start) / 60.0,
         "config": {
             **{k: v for k, v in vars(args).items() if k != "out"},

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from typing import Dict, List
 import numpy as np
 import SimpleITK as sitk
 import torch
+from common import command, machine
 from inference_speed import bootstrap_model  # same folder: the one-epoch bootstrap model
 
 from labelloop_app.devserver import Server, peak_rss_mb, start_server, stop_server
@@ -179,11 +179,8 @@ def main(argv=None) -> int:
     vs_upload = round(median["batch_pipelined"] / median["sequential_infer_upload"], 2)
     loads = [x for r in rounds for m in r.values() for x in m["load_average_1min"]]
     result = {
-        "command": (
-            "python benchmarks/batch_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        ).strip(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
-        f"{'CUDA available (not used: CPU benchmark)' if torch.cuda.is_available() else 'CPU only'}",
+        "command": command("batch_throughput.py", argv),
+        "machine": machine() + (" (not used: a CPU benchmark)" if torch.cuda.is_available() else ""),
         "volumes": data,
         "server_conf": conf,
         "rounds": rounds,

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 def command(script: str, argv: Optional[Sequence[str]]) -> str:
     """The command line that reproduces a run."""
-    return f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+    return " ".join(["python", f"benchmarks/{script}", *(argv if argv is not None else sys.argv[1:])])
 
 
 def machine() -> str:
