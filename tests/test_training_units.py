@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 from ignite.engine import Engine
 
-from labelloop_app.training import PolyLR, TimeBudget
+from labelloop_app.training import PolyLR, attach_time_budget
 
 
 def run_engine(handler_factory, epochs: int = 3, length: int = 4, sleep: float = 0.0):
@@ -44,7 +45,8 @@ def test_poly_decay_follows_the_time_budget_when_it_ends_first():
 
 
 def test_time_budget_stops_the_run_early():
-    lrs, engine = run_engine(lambda opt: TimeBudget(0.1 / 60), epochs=100, sleep=0.02)
-    # 0.1 s of 20 ms iterations: a handful of iterations, not the 400 the epochs ask for
+    budget = SimpleNamespace(attach=lambda engine: attach_time_budget(engine, 1 / 60))
+    lrs, engine = run_engine(lambda opt: budget, epochs=100, sleep=0.1)
+    # one second of 100 ms iterations: about ten iterations, not the 400 the epochs ask for
     assert engine.state.epoch < 100
-    assert 3 <= len(lrs) < 40
+    assert 5 <= len(lrs) < 40

@@ -10,6 +10,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
+from ignite.handlers import TimeLimit
 from monai.engines.workflow import Engine, Events
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 from monailabel.tasks.train.handler import PublishStatsAndModel, prepare_stats
@@ -70,20 +71,9 @@ class EpochLoss:
         return self.total / self.count if self.count else None
 
 
-class TimeBudget:
-    """Stop training gracefully after ``minutes`` (the best model so far stays published)."""
-
-    def __init__(self, minutes: float):
-        self.seconds = minutes * 60.0
-        self.start = time.time()
-
-    def attach(self, trainer: Engine) -> None:
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, self._check)
-
-    def _check(self, engine: Engine) -> None:
-        if time.time() - self.start > self.seconds:
-            logger.info("Time budget of %.1f min reached; stopping after this iteration", self.seconds / 60)
-            engine.terminate()
+def attach_time_budget(trainer: Engine, minutes: float) -> None:
+    """Stop training gracefully after ``minutes`` (ignite's ``TimeLimit``; the best model so far stays published)."""
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, TimeLimit(max(1, int(round(minutes * 60)))))
 
 
 class PolyLR:
@@ -91,7 +81,7 @@ class PolyLR:
 
     ``progress`` is the larger of the share of iterations done (``max_epochs``) and the share of the time budget
     spent (``max_minutes``), so a run limited by either one anneals to a low rate by its end: a short CPU run
-    gains more from this than from any fixed rate.
+    gains more from this than from any fixed rate. (PyTorch's ``PolynomialLR`` counts steps only.)
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, minutes: float = 0.0, power: float = 0.9, floor: float = 0.02):
@@ -247,4 +237,4 @@ class LabelLoopTrainTask(BasicTrainTask):
 
         PolyLR(context.optimizer, minutes).attach(context.trainer)
         if minutes > 0:
-            TimeBudget(minutes).attach(context.trainer)
+            attach_time_budget(context.trainer, minutes)
