@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
@@ -16,7 +18,23 @@ from labelloop_app.devserver import Server, start_server, stop_server
 from labelloop_app.synthetic import make_phantom
 
 REPO = Path(__file__).resolve().parents[1]
-REALDATA = REPO.parent / "shared" / "realdata"
+
+
+def find_realdata() -> Path:
+    """The real scans the tests read in place: ``$LABELLOOP_REALDATA``, else ``shared/realdata`` beside this
+    checkout, else beside the checkout this one was cloned from (a CI clone in a scratch folder)."""
+    if os.environ.get("LABELLOOP_REALDATA"):
+        return Path(os.environ["LABELLOOP_REALDATA"])
+    candidates = [REPO.parent / "shared" / "realdata"]
+    origin = subprocess.run(
+        ["git", "-C", str(REPO), "config", "--get", "remote.origin.url"], capture_output=True, text=True
+    ).stdout.strip()
+    if origin and Path(origin).is_dir():
+        candidates.append(Path(origin).resolve().parent / "shared" / "realdata")
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+REALDATA = find_realdata()
 LABELS = {"liver": 1, "spleen": 2, "kidney_left": 3, "kidney_right": 4}
 
 # Small enough for a 2-core CPU, large enough for the sliding window to slide.
