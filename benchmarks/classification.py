@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from common import command, machine, train_with_progress, write_results
+from common import command, machine, train_with_progress, training_arguments, write_results
 from tqdm import tqdm
 
 from labelloop_app.class_labels import CLASS_EXT, CLASS_TAG, write_class_label
@@ -105,12 +105,8 @@ def plot(stats: dict, out: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=15.0, help="training time budget")
-    ap.add_argument("--sample-data", type=Path, default=HERE.parent / "sample-data")
-    ap.add_argument("--out", type=Path, default=HERE / "results")
-    ap.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"), help="server --conf")
+    training_arguments(ap, HERE)
     ap.add_argument("--extra-train", type=int, default=0, help="generated training cases beyond the sample data's")
-    ap.add_argument("--learning-rate", type=float, help="initial learning rate (default: the task's)")
     args = ap.parse_args(argv)
 
     generate_sample_data(args.sample_data)

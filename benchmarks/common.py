@@ -28,6 +28,15 @@ def machine() -> str:
     )
 
 
+def training_arguments(ap, here: Path) -> None:
+    """The options every timed-training benchmark takes."""
+    ap.add_argument("--minutes", type=float, default=15.0, help="training time budget")
+    ap.add_argument("--sample-data", type=Path, default=here.parent / "sample-data")
+    ap.add_argument("--out", type=Path, default=here / "results")
+    ap.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"), help="server --conf")
+    ap.add_argument("--learning-rate", type=float, help="initial learning rate (default: the task's)")
+
+
 def train_with_progress(
     server, model: str, minutes: float, params: Dict[str, Any], postfix: Callable[[Dict[str, Any]], Dict[str, Any]]
 ) -> Dict[str, Any]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from common import command, machine, train_with_progress, write_results
+from common import command, machine, train_with_progress, training_arguments, write_results
 from tqdm import tqdm
 
 from labelloop_app.devserver import start_server, stop_server
@@ -92,11 +92,7 @@ def plot(stats: dict, out: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=15.0, help="training time budget")
-    ap.add_argument("--sample-data", type=Path, default=HERE.parent / "sample-data")
-    ap.add_argument("--out", type=Path, default=HERE / "results")
-    ap.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"), help="server --conf")
-    ap.add_argument("--learning-rate", type=float, help="initial learning rate (default: the task's)")
+    training_arguments(ap, HERE)
     ap.add_argument("--save-model", type=Path, help="keep the trained model (for batch_throughput.py --model)")
     args = ap.parse_args(argv)
 

@@ -29,7 +29,7 @@ from monai.transforms import Activationsd
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from labelloop_app.conf import ClassificationConf
-from labelloop_app.errors import BadRequest, ModelNotTrained, UnprocessableInput
+from labelloop_app.errors import BadRequest, UnprocessableInput
 from labelloop_app.explain import RestoreMapd, explain_method, gradcam_map, occlusion_map
 from labelloop_app.geometry import UnreadableImageError, write_image
 from labelloop_app.model_file import VersionedInferTask
@@ -49,6 +49,9 @@ def class_probabilities(pred: Any) -> np.ndarray:
 
 class ClassificationInfer(VersionedInferTask):
     """Whole-volume classification: RAS, fixed spacing, body crop, windowing, fixed size; softmax over classes."""
+
+    task_name = "classification"
+    untrained_hint = "submit class labels (tag 'class') and start training (POST /train/classification)"
 
     def __init__(self, conf: ClassificationConf, model_path: str, network: torch.nn.Module):
         super().__init__(
@@ -82,14 +85,6 @@ class ClassificationInfer(VersionedInferTask):
 
     def post_transforms(self, data=None) -> Sequence[Callable]:
         return [Activationsd(keys="pred", softmax=True), RestoreMapd(keys=("explanation",))]
-
-    def _get_network(self, device, data):
-        if not self.model_file.exists():
-            raise ModelNotTrained(
-                "model 'classification' has not been trained yet: submit class labels (tag 'class') and start "
-                "training (POST /train/classification); inference works as soon as the first model is published"
-            )
-        return super()._get_network(device, data)
 
     def _explain_class(self, data: Dict[str, Any], logits: torch.Tensor) -> int:
         name = data.get("explain_class")

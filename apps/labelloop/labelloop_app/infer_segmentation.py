@@ -13,7 +13,7 @@ from monai.transforms import Activationsd, EnsureTyped, Orientationd, Spacingd
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from labelloop_app.conf import SegmentationConf
-from labelloop_app.errors import ModelNotTrained, UnprocessableInput
+from labelloop_app.errors import UnprocessableInput
 from labelloop_app.geometry import UnreadableImageError, image_extension, write_image
 from labelloop_app.model_file import VersionedInferTask
 from labelloop_app.transforms import LoadSITKd, RestoreLabelsd, channel_values, intensity_transforms
@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 class SegmentationInfer(VersionedInferTask):
     """Orientation to RAS, resampling to the target spacing, CT windowing or MR z-score, sliding-window inference,
     then per-class probabilities resampled back onto the input grid (see :class:`RestoreLabelsd`)."""
+
+    task_name = "segmentation"
+    untrained_hint = "submit final labels and start training (POST /train/segmentation)"
 
     def __init__(self, conf: SegmentationConf, model_path: str, network: torch.nn.Module):
         super().__init__(
@@ -72,14 +75,6 @@ class SegmentationInfer(VersionedInferTask):
             Activationsd(keys="pred", softmax=True),
             RestoreLabelsd(values=channel_values(self.conf.labels), mode=mode),
         ]
-
-    def _get_network(self, device, data):
-        if not self.model_file.exists():
-            raise ModelNotTrained(
-                "model 'segmentation' has not been trained yet: submit final labels and start training "
-                "(POST /train/segmentation); inference works as soon as the first model is published"
-            )
-        return super()._get_network(device, data)
 
     def run_inferer(self, data: Dict[str, Any], convert_to_batch=True, device="cuda"):
         with torch.inference_mode():

@@ -9,6 +9,8 @@ from typing import Any, Dict, Tuple
 import torch
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
+from labelloop_app.errors import ModelNotTrained
+
 
 class ModelFile:
     """The published model file and a short version string that changes whenever a new model is published.
@@ -44,6 +46,18 @@ class VersionedInferTask(BasicInferTask):
         super().__init__(path=model_path, network=network, dimension=3, load_strict=True, **kwargs)
         self.conf = conf
         self.model_file = ModelFile(model_path)
+
+    task_name = "model"
+    untrained_hint = "submit labels and start training"
+    """What to do when there is no model yet, in the 409 answer."""
+
+    def _get_network(self, device, data):
+        if not self.model_file.exists():
+            raise ModelNotTrained(
+                f"model {self.task_name!r} has not been trained yet: {self.untrained_hint}; inference works as soon as "
+                "the first model is published"
+            )
+        return super()._get_network(device, data)
 
     def info(self) -> Dict[str, Any]:
         info = super().info()
