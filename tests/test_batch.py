@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List
 
+import numpy as np
 import pytest
 import requests
+import SimpleITK as sitk
 
 from conftest import FAST_CONF, REPO, SMALL, assert_same_geometry, datastore_json, snapshot, write_case
 from labelloop_app.devserver import Server, start_server, stop_server
@@ -102,6 +104,33 @@ def test_batch_over_an_id_list_stores_original_and_leaves_final_untouched(traine
     assert {k: v["labels"].get("final") for k, v in ds.items()} == final_info_before
 
 
+def test_serial_pipelined_and_parallel_batches_store_the_same_label_maps(trained_server):
+    ids = ["case_001", "case_002", "case_003"]
+    modes = {
+        "serial": {"prefetch": 0, "workers": 1},
+        "pipelined": {"prefetch": 1, "workers": 1},
+        "parallel": {"workers": 3},
+    }
+    stored = {}
+    for mode, params in modes.items():
+        for image_id in ids:
+            trained_server.delete(f"/datastore/label?id={image_id}&tag=original")
+        r = trained_server.post("/batch/infer/segmentation", json={"images": ids, "device": "cpu", **params})
+        assert r.status_code == 200, r.text
+        last = wait_batch(trained_server)[-1]
+        assert last["status"] == "DONE" and last["succeeded"] == 3 and last["failed"] == [], (mode, last)
+        assert all(stage is None for stage in last["stages"].values()), last["stages"]
+        if mode == "parallel":
+            assert any("3 workers" in line for line in last["details"]), last["details"]
+        folder = trained_server.studies / "labels" / "original"
+        stored[mode] = {i: sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{i}.nii.gz"))) for i in ids}
+        for image_id in ids:
+            assert_same_geometry(folder / f"{image_id}.nii.gz", trained_server.studies / f"{image_id}.nii.gz")
+    for mode in ("pipelined", "parallel"):
+        for image_id in ids:
+            assert np.array_equal(stored[mode][image_id], stored["serial"][image_id]), (mode, image_id)
+
+
 @pytest.mark.parametrize(
     "query,body,status,words",
     [
@@ -111,6 +140,7 @@ def test_batch_over_an_id_list_stores_original_and_leaves_final_untouched(traine
         ("", {"label_tag": "final"}, 422, ["'original'", "label_tag 'final' is not allowed"]),
         ("", {"device": "tpu"}, 422, ["device 'tpu'"]),
         ("", {"prefetch": -1}, 422, ["prefetch"]),
+        ("", {"workers": "many"}, 422, ["workers"]),
     ],
 )
 def test_bad_requests_are_refused_before_anything_starts(trained_server, query, body, status, words):

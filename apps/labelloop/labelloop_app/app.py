@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 from typing import Dict
 
 from monailabel.config import settings
@@ -27,6 +28,7 @@ from labelloop_app.errors import NotFound
 from labelloop_app.infer_classification import ClassificationInfer
 from labelloop_app.infer_segmentation import SegmentationInfer
 from labelloop_app.networks import classification_network, segmentation_network
+from labelloop_app.torch_threads import use_inference_threads
 from labelloop_app.train_classification import ClassificationTrain
 from labelloop_app.train_segmentation import SegmentationTrain
 
@@ -69,7 +71,7 @@ class LabelLoopApp(MONAILabelApp):
             self.seg_model_path,
             infers=lambda: self._infers,
             datastore=lambda: self._datastore,
-            wait=self.interactive.wait_idle,
+            wait=self._wait_for_inference,
         )
 
         super().__init__(
@@ -87,6 +89,13 @@ class LabelLoopApp(MONAILabelApp):
         install_router(build_al_router(self.al))
         if "classification" in self.tasks:
             install_router(build_classes_router(self.cls_conf.classes, self.datastore))
+
+    def _wait_for_inference(self, cancel: threading.Event) -> float:
+        """Background scoring's pause before each network call: while interactive requests or a batch run."""
+        waited = self.interactive.wait_idle(cancel)
+        if isinstance(getattr(self, "_batch_infer", None), LabelLoopBatchInfer):
+            waited += self._batch_infer.wait_idle(cancel)
+        return waited
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
@@ -160,6 +169,7 @@ class LabelLoopApp(MONAILabelApp):
             if not _is_uploaded_file(image):
                 check_name("image id", image)
                 raise NotFound(f"image {image!r} is not in the datastore")
+        use_inference_threads()  # a web-server worker may have been started after scoring lowered the count
         with self.interactive.request():
             return super().infer(request, datastore)
 

@@ -42,6 +42,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from labelloop_app.errors import BadRequest, Conflict, NotFound, UnprocessableInput
 from labelloop_app.geometry import UnreadableImageError
+from labelloop_app.torch_threads import INFERENCE_THREADS, use_inference_threads
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ _BATCH_ONLY_KEYS = (
     "model",
     "image",
     "prefetch",
+    "workers",
     "run_sync",
 )
 _END = object()
@@ -129,7 +131,7 @@ class BatchJob:
         self.end_ts = ""
         self.started = time.time()
         self.finished: Optional[float] = None
-        self.stages: Dict[str, Optional[str]] = {"reading": None, "inferring": None, "writing": None}
+        self._stages: Dict[str, Dict[int, str]] = {"reading": {}, "inferring": {}, "writing": {}}  # per thread
         self.stage_seconds: Dict[str, float] = {"read": 0.0, "infer": 0.0, "write": 0.0, "paused": 0.0}
         self.results: List[Dict[str, Any]] = []
         self.details: Deque[str] = deque(maxlen=20)
@@ -145,8 +147,19 @@ class BatchJob:
             self.details.append(f"{_now()} {message}")
 
     def set_stage(self, stage: str, image_id: Optional[str]) -> None:
+        """The calling thread starts (``image_id``) or ends (``None``) a stage; several workers may share one."""
+        ident = threading.get_ident()
         with self.lock:
-            self.stages[stage] = image_id
+            if image_id is None:
+                self._stages[stage].pop(ident, None)
+            else:
+                self._stages[stage][ident] = image_id
+
+    @property
+    def stages(self) -> Dict[str, Optional[str]]:
+        """The image each stage is working on (the latest one when several workers are in the same stage)."""
+        with self.lock:
+            return {stage: (list(ids.values())[-1] if ids else None) for stage, ids in self._stages.items()}
 
     def add_seconds(self, stage: str, seconds: float) -> None:
         with self.lock:
@@ -181,7 +194,8 @@ class BatchJob:
             self.error = error
             self.end_ts = _now()
             self.finished = time.time()
-            self.stages = {k: None for k in self.stages}
+            for ids in self._stages.values():
+                ids.clear()
         self.log(f"{status.lower()}" + (f": {error}" if error else ""))
         self.done_event.set()
 
@@ -194,6 +208,7 @@ class BatchJob:
 
     def snapshot(self) -> Dict[str, Any]:
         """The job as JSON: MONAI Label's task record (``id``, ``status``, ``details``, ...) plus progress."""
+        stages = self.stages
         with self.lock:
             done = len(self.results)
             failed = [{"image": r["image"], "error": r["error"]} for r in self.results if not r["ok"]]
@@ -213,8 +228,8 @@ class BatchJob:
                 "succeeded": done - len(failed),
                 "failed": failed,
                 "pending": total - done,
-                "current": self.stages["inferring"],
-                "stages": dict(self.stages),
+                "current": stages["inferring"],
+                "stages": stages,
                 "cancel_requested": self.cancel.is_set(),
                 "device": self.device,
                 "label_tag": DefaultLabelTag.ORIGINAL.value,
@@ -339,8 +354,10 @@ class LabelLoopBatchInfer(BatchInferTask):
 
         Raises 404 for an unknown model or image ids, 409 when a batch is already running or the model has not
         been trained, 422 for a bad device or tag. ``params`` may hold ``images`` (overriding ``images``),
-        ``device``, ``prefetch`` (images read ahead; 0 runs the stages one after the other) and ``max_batch_size``;
-        anything else is passed to the infer task as in ``/infer``.
+        ``device``, ``workers`` (images processed at once, each by a thread that reads, infers and writes it, the
+        CPU threads shared among them; default: one per CPU thread on a CPU, one on a GPU), ``prefetch`` (with one
+        worker: images read ahead; 0 runs the stages one after the other) and ``max_batch_size``; anything else is
+        passed to the infer task as in ``/infer``.
         """
         params = dict(params or {})
         task = self.infers().get(model)
@@ -359,6 +376,7 @@ class LabelLoopBatchInfer(BatchInferTask):
             ids = ids[:limit]
         device, note = resolve_device(params.get("device"))
         prefetch = _whole_number(params, "prefetch", 1)
+        workers = max(1, _whole_number(params, "workers", INFERENCE_THREADS if device == "cpu" else 1))
 
         with self._lock:
             running = self._running()
@@ -376,7 +394,7 @@ class LabelLoopBatchInfer(BatchInferTask):
             job.log(note, logging.WARNING)
         job.log(f"{len(ids)} image(s) ({selection}) with model {model!r} on {device}")
         thread = threading.Thread(
-            target=self._run, args=(job, task, datastore, params, prefetch), name="batch-infer", daemon=True
+            target=self._run, args=(job, task, datastore, params, prefetch, workers), name="batch-infer", daemon=True
         )
         thread.start()
         return job
@@ -414,9 +432,23 @@ class LabelLoopBatchInfer(BatchInferTask):
     def _running(self) -> Optional[BatchJob]:
         return next((j for j in reversed(self._jobs) if j.running), None)
 
+    def wait_idle(self, cancel: threading.Event) -> float:
+        """Block while a batch runs (or until ``cancel``): background scoring yields to batches; seconds waited."""
+        start = time.monotonic()
+        while not cancel.is_set():
+            with self._lock:
+                job = self._running()
+            if job is None:
+                break
+            job.done_event.wait(0.5)
+        return time.monotonic() - start
+
     # --------------------------------------------------------------------------------------------- pipeline
 
-    def _run(self, job: BatchJob, task: InferTask, datastore: Datastore, params: Dict[str, Any], prefetch: int):
+    def _run(
+        self, job: BatchJob, task: InferTask, datastore: Datastore, params: Dict[str, Any], prefetch: int, workers: int
+    ):
+        use_inference_threads()
         with job.lock:
             job.status = "RUNNING"
         request = {k: v for k, v in params.items() if k not in _BATCH_ONLY_KEYS}
@@ -425,6 +457,8 @@ class LabelLoopBatchInfer(BatchInferTask):
         try:
             if not isinstance(task, BasicInferTask):
                 self._run_whole(job, task, datastore, request)
+            elif workers > 1:
+                self._run_parallel(job, task, datastore, request, workers)
             elif prefetch == 0:
                 self._run_serial(job, task, datastore, request)
             else:
@@ -440,17 +474,47 @@ class LabelLoopBatchInfer(BatchInferTask):
         for image_id in job.image_ids:
             if job.cancel.is_set():
                 return
-            item = self._read(job, task, datastore, request, image_id)
-            if isinstance(item, str):
-                job.failed(image_id, item)
-                continue
-            item = self._infer(job, task, item)
-            if isinstance(item, str):
-                if job.cancel.is_set():
+            self._one(job, task, datastore, request, image_id)
+
+    def _run_parallel(
+        self, job: BatchJob, task: BasicInferTask, datastore: Datastore, request: Dict[str, Any], workers: int
+    ):
+        """``workers`` threads, each taking the next image and reading, inferring and writing it, with the CPU
+        threads split among them. On a CPU this keeps every core busy with no idle stage and no per-layer
+        synchronisation between PyTorch's threads; one worker reads while another computes."""
+        pending: queue.Queue = queue.Queue()
+        for image_id in job.image_ids:
+            pending.put(image_id)
+        threads_each = max(1, INFERENCE_THREADS // workers)
+        job.log(f"{workers} workers, {threads_each} CPU thread(s) each")
+
+        def work():
+            torch.set_num_threads(threads_each)
+            while not job.cancel.is_set():
+                try:
+                    image_id = pending.get_nowait()
+                except queue.Empty:
                     return
+                self._one(job, task, datastore, request, image_id)
+
+        pool = [threading.Thread(target=work, name=f"batch-worker-{i}", daemon=True) for i in range(workers)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+
+    def _one(self, job: BatchJob, task: BasicInferTask, datastore: Datastore, request: Dict[str, Any], image_id):
+        """One image through the three stages; a failure is recorded for that image (not when cancelled)."""
+        item = self._read(job, task, datastore, request, image_id)
+        if isinstance(item, str):
+            job.failed(image_id, item)
+            return
+        item = self._infer(job, task, item)
+        if isinstance(item, str):
+            if not job.cancel.is_set():
                 job.failed(image_id, item)
-                continue
-            self._write(job, task, datastore, item)
+            return
+        self._write(job, task, datastore, item)
 
     def _run_pipelined(
         self, job: BatchJob, task: BasicInferTask, datastore: Datastore, request: Dict[str, Any], prefetch: int
@@ -460,6 +524,7 @@ class LabelLoopBatchInfer(BatchInferTask):
         to_write: queue.Queue = queue.Queue(maxsize=1)
 
         def reader():
+            use_inference_threads()
             try:
                 for image_id in job.image_ids:
                     if job.cancel.is_set():
@@ -469,6 +534,7 @@ class LabelLoopBatchInfer(BatchInferTask):
                 _put(to_infer, _END, job.cancel)
 
         def writer():
+            use_inference_threads()
             while True:
                 item = _get(to_write, job.cancel)
                 if item is _END or item is None:

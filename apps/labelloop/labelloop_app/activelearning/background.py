@@ -2,9 +2,10 @@
 
 MONAI Label would run each scoring request in a subprocess with its own copy of the datastore; two processes
 writing ``datastore_v2.json`` from their own in-memory copies lose each other's updates. Scoring therefore runs
-in one thread of the server process, with its own network copy, ``torch.set_num_threads(scoring_threads)`` (the
-setting is per thread, so inference keeps its threads) and a pause before every network call while an annotator's
-inference request is running (the app's ``InteractiveGate``, which batch inference yields to as well).
+in one thread of the server process, with its own network copy, ``torch.set_num_threads(scoring_threads)`` and a
+pause before every network call while an annotator's inference request is running (the app's ``InteractiveGate``,
+which batch inference yields to as well). The thread setting also becomes the default of threads created later, so
+inference threads restore their own count (:mod:`labelloop_app.torch_threads`).
 """
 
 from __future__ import annotations

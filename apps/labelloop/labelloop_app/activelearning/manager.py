@@ -57,7 +57,7 @@ class ActiveLearning:
     """Everything the strategies and the scoring share, created once per app.
 
     ``infers`` and ``datastore`` are callables because MONAI Label builds them after the strategies are asked for.
-    ``wait(cancel)`` blocks while interactive inference runs; scoring calls it before every network call.
+    ``wait(cancel)`` blocks while interactive or batch inference runs; scoring calls it before every network call.
     """
 
     def __init__(

@@ -1,0 +1,41 @@
+"""The inference thread count survives a background thread that lowered its own."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from labelloop_app.torch_threads import INFERENCE_THREADS, use_inference_threads
+
+
+def run_in_new_thread(fn):
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("value", fn()))
+    t.start()
+    t.join()
+    return out["value"]
+
+
+def test_a_thread_started_after_scoring_lowered_the_count_gets_it_back():
+    lowered = threading.Event()
+    release = threading.Event()
+
+    def scorer():  # what background scoring does in its own thread
+        torch.set_num_threads(1)
+        lowered.set()
+        release.wait(10)
+
+    background = threading.Thread(target=scorer, daemon=True)
+    background.start()
+    lowered.wait(10)
+    try:
+        inherited = run_in_new_thread(torch.get_num_threads)
+        restored = run_in_new_thread(lambda: (use_inference_threads(), torch.get_num_threads()))
+    finally:
+        release.set()
+        background.join()
+        torch.set_num_threads(INFERENCE_THREADS)
+    assert INFERENCE_THREADS >= 1
+    assert inherited == 1  # the pitfall: a new thread starts with the count the scorer set
+    assert restored == (INFERENCE_THREADS, INFERENCE_THREADS)
