@@ -6,7 +6,10 @@
 The cohort is the sample data's: ``cohort_plan("seg", 24)`` of ``labelloop_app.synthetic`` (the same seeds,
 orientations, field-of-view cuts and hard cases as ``sample-data/segmentation``) as the pool, and
 ``cohort_plan("seg_heldout", 16)`` (the sample data's 8 held-out cases and the next 8) for evaluation, rendered
-small (``small=True``, 48-64 voxels per side) so that the whole study fits on a laptop CPU.
+small (``small=True``, 48-64 voxels per side) so that the whole study fits on a laptop CPU. ``--hard-every`` and
+``--heldout-hard-every`` set how often a case is hard (native contrast, 18-25 HU noise): every 4th by default, as
+in the sample data. A pool where hard cases are rare (``--hard-every 10``) and a held-out set where they are half
+(``--heldout-hard-every 2``) asks the question active learning is for: does it find the few cases unlike the rest?
 
 An oracle plays the annotators. Each seed starts from ``--initial`` random labeled cases and a model trained on
 them (``--warmup-steps``). Every round: fine-tune for a fixed ``--steps`` (the SegmentationTrain task's
@@ -54,6 +57,7 @@ from labelloop_app.conf import SegmentationConf
 from labelloop_app.networks import segmentation_network
 from labelloop_app.synthetic import SEG_LABELS, cohort_plan, phantom_case
 from labelloop_app.train_segmentation import SegmentationTrain
+from labelloop_app.training import PolyLR
 
 HERE = Path(__file__).resolve().parent
 STRATEGIES = ("random", "entropy", "tta", "diversity", "hybrid")
@@ -63,10 +67,14 @@ UNCERTAIN = ("entropy", "tta", "hybrid")  # strategies that need full scores of 
 # ------------------------------------------------------------------------------------------------------------------
 # cohort
 # ------------------------------------------------------------------------------------------------------------------
-def build_cohort(folder: Path, kind: str, n: int, seed: int) -> List[Dict[str, Any]]:
-    """Render the sample data's cohort plan small and write image + ground truth; returns the cases."""
+def build_cohort(folder: Path, kind: str, n: int, seed: int, hard_every: int = 4) -> List[Dict[str, Any]]:
+    """Render the sample data's cohort plan small and write image + ground truth; returns the cases.
+
+    Every ``hard_every``-th case is hard (native contrast, 18-25 HU noise), as every 4th is in the sample data;
+    0 makes none hard."""
     cases = []
-    for plan in cohort_plan(kind, n, seed=seed):
+    for i, plan in enumerate(cohort_plan(kind, n, seed=seed)):
+        plan["hard"] = hard_every > 0 and i % hard_every == hard_every - 1
         kw = {k: v for k, v in plan.items() if k != "id"}
         case = phantom_case(**kw, small=True)
         image, label = folder / f"{plan['id']}.nii.gz", folder / f"{plan['id']}_label.nii.gz"
@@ -81,8 +89,8 @@ def build_cohort(folder: Path, kind: str, n: int, seed: int) -> List[Dict[str, A
 # training and evaluation with the project's SegmentationTrain pieces
 # ------------------------------------------------------------------------------------------------------------------
 class Trainer:
-    """The SegmentationTrain task's transforms, loss and optimizer driven by a plain loop with a fixed step budget
-    (no ignite engine, no checkpoint files: the study trains hundreds of short rounds)."""
+    """The SegmentationTrain task's transforms, loss, optimizer and learning-rate decay in a plain loop with a fixed
+    step budget (no ignite engine, no checkpoint files: the study trains hundreds of short rounds)."""
 
     def __init__(self, conf: SegmentationConf, pool: List[Dict], heldout: List[Dict], workdir: Path, lr: float):
         self.conf = conf
@@ -102,11 +110,14 @@ class Trainer:
         return segmentation_network(self.conf.network, self.conf.out_channels)
 
     def train(self, network: torch.nn.Module, labeled: Sequence[str], steps: int, rng: random.Random) -> float:
-        """``steps`` optimizer steps, each on ``num_samples`` random crops of one random labeled case."""
+        """``steps`` optimizer steps, each on ``num_samples`` random crops of one random labeled case, with the
+        server's polynomial learning-rate decay over the round."""
         optimizer = self.task.optimizer(SimpleNamespace(request={"learning_rate": self.lr}, network=network))
+        schedule = PolyLR(optimizer)  # the server's decay, so that each round ends on a settled model
         network.train()
         t0 = time.time()
-        for _ in range(steps):
+        for step in range(steps):
+            schedule.set_progress(step / steps)
             crops = self.train_ds[self.index[rng.choice(list(labeled))]]
             image = torch.stack([c["image"] for c in crops])
             label = torch.stack([c["label"] for c in crops])
@@ -371,6 +382,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--pool", type=int, default=24)
     ap.add_argument("--heldout", type=int, default=16)
+    ap.add_argument(
+        "--hard-every", type=int, default=4, help="every Nth pool case is hard (default 4, as in the sample data)"
+    )
+    ap.add_argument("--heldout-hard-every", type=int, default=4, help="the same for the held-out cases")
     ap.add_argument("--initial", type=int, default=2)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--max-labels", type=int, default=14)
@@ -404,8 +419,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         print("rendering the cohort ...", flush=True)
-        pool = build_cohort(work, "seg", args.pool, seed=0)
-        heldout = build_cohort(work, "seg_heldout", args.heldout, seed=0)
+        pool = build_cohort(work, "seg", args.pool, seed=0, hard_every=args.hard_every)
+        heldout = build_cohort(work, "seg_heldout", args.heldout, seed=0, hard_every=args.heldout_hard_every)
         cases = {c["id"]: c for c in pool}
         trainer = Trainer(conf, pool, heldout, work, args.lr)
         images = {c["id"]: scorer.load_image(c["image"]) for c in pool}

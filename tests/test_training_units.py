@@ -50,3 +50,16 @@ def test_time_budget_stops_the_run_early():
     # one second of 100 ms iterations: about ten iterations, not the 400 the epochs ask for
     assert engine.state.epoch < 100
     assert 5 <= len(lrs) < 40
+
+
+def test_poly_decay_set_by_progress_in_a_plain_loop():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    schedule = PolyLR(optimizer)
+    rates = []
+    for progress in (-1.0, 0.0, 0.5, 0.99, 1.0, 2.0):
+        schedule.set_progress(progress)
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert rates[0] == rates[1] == 0.5  # before the start: the base rate
+    assert rates[2] == pytest.approx(0.5 * 0.5**0.9)
+    assert rates[3] == pytest.approx(0.5 * 0.02)  # (0.01 ** 0.9 = 0.016) is below the floor
+    assert rates[4] == rates[5] == pytest.approx(0.5 * 0.02)

@@ -103,7 +103,11 @@ class PolyLR:
         return min(max(done, 0.0), 1.0)
 
     def _step(self, engine: Engine) -> None:
-        factor = max((1.0 - self.progress(engine)) ** self.power, self.floor)
+        self.set_progress(self.progress(engine))
+
+    def set_progress(self, progress: float) -> None:
+        """Set the rate for ``progress`` (0 at the start, 1 at the end); also for loops without an ignite engine."""
+        factor = max((1.0 - min(max(progress, 0.0), 1.0)) ** self.power, self.floor)
         for group, base in zip(self.optimizer.param_groups, self.base):
             group["lr"] = base * factor
 
