@@ -42,14 +42,14 @@ class ModelFile:
 class VersionedInferTask(BasicInferTask):
     """A 3D ``BasicInferTask`` whose ``info()`` says whether its model is trained and which version it serves."""
 
+    task_name = "model"
+    untrained_hint = "submit labels and start training"
+    """What to do when there is no model yet, in the 409 answer."""
+
     def __init__(self, conf: Any, model_path: str, network: torch.nn.Module, **kwargs):
         super().__init__(path=model_path, network=network, dimension=3, load_strict=True, **kwargs)
         self.conf = conf
         self.model_file = ModelFile(model_path)
-
-    task_name = "model"
-    untrained_hint = "submit labels and start training"
-    """What to do when there is no model yet, in the 409 answer."""
 
     def _get_network(self, device, data):
         if not self.model_file.exists():

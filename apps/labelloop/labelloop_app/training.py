@@ -100,7 +100,7 @@ class PolyLR:
         done = engine.state.iteration / max(total, 1)
         if self.seconds > 0:
             done = max(done, (time.time() - self.start) / self.seconds)
-        return min(max(done, 0.0), 1.0)
+        return done  # set_progress clamps it to [0, 1]
 
     def _step(self, engine: Engine) -> None:
         self.set_progress(self.progress(engine))
