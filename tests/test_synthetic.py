@@ -97,6 +97,21 @@ def test_full_case_has_every_organ_with_plausible_hu():
     assert all(k[1] > liver[1] for k in kidneys)  # kidneys are posterior (+y in LPS)
 
 
+def test_forcing_the_contrast_phase_changes_only_the_enhancing_structures():
+    seed = next(s for s in range(50) if phantom_geometry(s, small=True, fov="full")["contrast"] == "enhanced")
+    enhanced = phantom_case(seed, small=True, fov="full")
+    native = phantom_case(seed, small=True, fov="full", enhanced=False)
+    assert (enhanced.info["contrast"], native.info["contrast"]) == ("enhanced", "native")
+    assert native.info["noise_hu"] == enhanced.info["noise_hu"]
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(native.label), sitk.GetArrayFromImage(enhanced.label))
+    kidney = sitk.GetArrayFromImage(enhanced.label) == SEG_LABELS["kidney_left"]
+    hu_enhanced = sitk.GetArrayFromImage(enhanced.image)[kidney].mean()
+    hu_native = sitk.GetArrayFromImage(native.image)[kidney].mean()
+    assert hu_enhanced > hu_native + 80  # enhancing kidneys: 150-200 HU against 25-40 HU native
+    liver = sitk.GetArrayFromImage(enhanced.label) == SEG_LABELS["liver"]
+    assert abs(np.median(sitk.GetArrayFromImage(native.image)[liver]) - native.info["organs"]["liver"]["hu"]) < 15
+
+
 def test_orientation_never_changes_anatomy():
     ras_img, ras_lab = make_phantom(7, orientation="RAS", small=True)
     lps_img, lps_lab = make_phantom(7, orientation="LPS", small=True)

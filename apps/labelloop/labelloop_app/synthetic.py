@@ -305,7 +305,7 @@ def _default_flags(seed: int) -> tuple[str, bool]:
     return mode, bool(rng.random() < 0.25)
 
 
-def _make_anatomy(seed: int, hard: bool) -> _Anatomy:
+def _make_anatomy(seed: int, hard: bool, enhanced: bool | None = None) -> _Anatomy:
     """Random torso: body, wall, organs, vessels, bowel, spine, lungs, table (the same for any header)."""
     rng = _rng(seed, 1)
     u = rng.uniform
@@ -332,7 +332,8 @@ def _make_anatomy(seed: int, hard: bool) -> _Anatomy:
 
     small_organs = u(0.72, 0.85)  # drawn in every case so that ``hard`` changes nothing else
     so = s * u(0.92, 1.08) * (small_organs if hard else 1.0)
-    enhanced = bool(rng.random() < 0.4)
+    drawn_enhanced = bool(rng.random() < 0.4)  # drawn in every case so that forcing it changes nothing else
+    enhanced = drawn_enhanced if enhanced is None else bool(enhanced)
     offset = u(-8.0, 8.0)
     fat_frac = u(0.0, 0.2) if hard else u(0.3, 0.85)
     fat_hu = u(-110.0, -85.0)
@@ -899,6 +900,7 @@ def _setup_case(
     fov: str | None,
     hard: bool | None,
     small: bool,
+    enhanced: bool | None = None,
 ) -> tuple[_Anatomy, _Grid, dict[str, Any], dict[str, Any]]:
     """Anatomy, grid, acquisition and description of a segmentation case (no rendering)."""
     default_mode, default_hard = _default_flags(seed)
@@ -908,7 +910,7 @@ def _setup_case(
     hard = default_hard if hard is None else bool(hard)
     code, angle = _resolve_orientation(seed, orientation, oblique_deg)
     direction = orientation_direction(code, angle)
-    anat = _make_anatomy(seed, hard)
+    anat = _make_anatomy(seed, hard, enhanced)
     grid, acq = _plan_grid(
         anat, seed, profile="seg", mode=mode, small=small, size=size, spacing=spacing, direction=direction
     )
@@ -935,9 +937,10 @@ def phantom_geometry(
     fov: str | None = None,
     hard: bool | None = None,
     small: bool = False,
+    enhanced: bool | None = None,
 ) -> dict[str, Any]:
     """Description and grid (size, spacing, origin, direction) of :func:`phantom_case` without rendering (fast)."""
-    return _setup_case(seed, size, spacing, orientation, oblique_deg, fov, hard, small)[3]
+    return _setup_case(seed, size, spacing, orientation, oblique_deg, fov, hard, small, enhanced)[3]
 
 
 def phantom_case(
@@ -950,6 +953,7 @@ def phantom_case(
     fov: str | None = None,
     hard: bool | None = None,
     small: bool = False,
+    enhanced: bool | None = None,
 ) -> PhantomCase:
     """Render one segmentation phantom and describe it (geometry, field of view, organ status, contrast, noise).
 
@@ -961,8 +965,10 @@ def phantom_case(
         fov: one of ``FOV_MODES``; None picks it from the seed (most cases "full").
         hard: small organs, low organ-to-background contrast and high noise; None picks it from the seed.
         small: tiny matrix (48-64 voxels per side) covering the same field of view, for fast tests.
+        enhanced: contrast-enhanced (bright vessels and kidneys) or native phase; None picks it from the seed (40%
+            enhanced). Forcing it changes nothing else about the case.
     """
-    anat, grid, acq, meta = _setup_case(seed, size, spacing, orientation, oblique_deg, fov, hard, small)
+    anat, grid, acq, meta = _setup_case(seed, size, spacing, orientation, oblique_deg, fov, hard, small, enhanced)
     img, lab, _ = _render(anat, grid, acq, seed)
     organs = _organ_status(lab)
     for name in SEG_LABELS:
