@@ -6,10 +6,13 @@
 The cohort is the sample data's: ``cohort_plan("seg", 24)`` of ``labelloop_app.synthetic`` (the same seeds,
 orientations, field-of-view cuts and hard cases as ``sample-data/segmentation``) as the pool, and
 ``cohort_plan("seg_heldout", 16)`` (the sample data's 8 held-out cases and the next 8) for evaluation, rendered
-small (``small=True``, 48-64 voxels per side) so that the whole study fits on a laptop CPU. ``--hard-every`` and
-``--heldout-hard-every`` set how often a case is hard (native contrast, 18-25 HU noise): every 4th by default, as
-in the sample data. A pool where hard cases are rare (``--hard-every 10``) and a held-out set where they are half
-(``--heldout-hard-every 2``) asks the question active learning is for: does it find the few cases unlike the rest?
+small (``small=True``, 48-64 voxels per side) so that the whole study fits on a laptop CPU.
+
+``--rare`` names a subgroup and ``--rare-every`` / ``--heldout-rare-every`` how often a case belongs to it: ``hard``
+(small organs, little fat, 18-25 HU noise; every 4th case by default, as in the sample data) or ``native`` (native
+phase among contrast-enhanced scans, no hard cases: a protocol a model has rarely seen, but can learn). A pool where
+the subgroup is rare (``--rare-every 10``) and a held-out set where it is half (``--heldout-rare-every 2``) asks the
+question active learning is for: does it find the few cases unlike the rest, and does labelling them pay?
 
 An oracle plays the annotators. Each seed starts from ``--initial`` random labeled cases and a model trained on
 them (``--warmup-steps``). Every round: fine-tune for a fixed ``--steps`` (the SegmentationTrain task's
@@ -67,21 +70,31 @@ UNCERTAIN = ("entropy", "tta", "hybrid")  # strategies that need full scores of 
 # ------------------------------------------------------------------------------------------------------------------
 # cohort
 # ------------------------------------------------------------------------------------------------------------------
-def build_cohort(folder: Path, kind: str, n: int, seed: int, hard_every: int = 4) -> List[Dict[str, Any]]:
+RARE = ("hard", "native")
+RARE_WORDS = {"hard": "hard cases", "native": "native-phase cases"}
+
+
+def build_cohort(
+    folder: Path, kind: str, n: int, seed: int, rare: str = "hard", rare_every: int = 4
+) -> List[Dict[str, Any]]:
     """Render the sample data's cohort plan small and write image + ground truth; returns the cases.
 
-    Every ``hard_every``-th case is hard (native contrast, 18-25 HU noise), as every 4th is in the sample data;
-    0 makes none hard."""
+    Every ``rare_every``-th case (0: none) belongs to the ``rare`` subgroup: ``hard`` cases (as every 4th is in the
+    sample data; contrast phase from the seed) or ``native``-phase cases among enhanced ones (none hard)."""
     cases = []
     for i, plan in enumerate(cohort_plan(kind, n, seed=seed)):
-        plan["hard"] = hard_every > 0 and i % hard_every == hard_every - 1
+        is_rare = rare_every > 0 and i % rare_every == rare_every - 1
+        if rare == "hard":
+            plan["hard"] = is_rare
+        else:
+            plan["hard"], plan["enhanced"] = False, not is_rare
         kw = {k: v for k, v in plan.items() if k != "id"}
         case = phantom_case(**kw, small=True)
         image, label = folder / f"{plan['id']}.nii.gz", folder / f"{plan['id']}_label.nii.gz"
         sitk.WriteImage(case.image, str(image), True)
         sitk.WriteImage(case.label, str(label), True)
         status = {name: o["status"] for name, o in case.info["organs"].items()}
-        cases.append({"id": plan["id"], "image": str(image), "label": str(label), "hard": plan["hard"], **status})
+        cases.append({"id": plan["id"], "image": str(image), "label": str(label), "rare": is_rare, **status})
     return cases
 
 
@@ -142,11 +155,11 @@ class Trainer:
                     p, r = pred == channel, ref == channel
                     if r.any():
                         dice[name] = 2.0 * float((p & r).sum()) / float(p.sum() + r.sum())
-                per_case.append({"id": case["id"], "hard": case["hard"], "mean": float(np.mean(list(dice.values())))})
+                per_case.append({"id": case["id"], "rare": case["rare"], "mean": float(np.mean(list(dice.values())))})
         return {
             "dice": float(np.mean([c["mean"] for c in per_case])),
-            "dice_hard": float(np.mean([c["mean"] for c in per_case if c["hard"]] or [np.nan])),
-            "dice_easy": float(np.mean([c["mean"] for c in per_case if not c["hard"]] or [np.nan])),
+            "dice_rare": float(np.mean([c["mean"] for c in per_case if c["rare"]] or [np.nan])),
+            "dice_common": float(np.mean([c["mean"] for c in per_case if not c["rare"]] or [np.nan])),
             "cases": per_case,
         }
 
@@ -219,7 +232,7 @@ def run(
                 state["records"][image_id] = {**rec, "model_version": state["version"]}
         row["score_seconds"] = round(time.time() - t0, 1)
         if strategy in UNCERTAIN:
-            row["entropy_hard_vs_easy"] = _separation(state["records"], cases, [i for i in cases if i not in labeled])
+            row["entropy_rare_vs_common"] = _separation(state["records"], cases, [i for i in cases if i not in labeled])
         picks = []
         for j in range(min(args.batch, args.max_labels - len(labeled))):
             answer = chooser({"client_id": f"oracle{j}"}, None)
@@ -230,7 +243,7 @@ def run(
         row["picked"] = [
             {
                 "id": a["id"],
-                "hard": cases[a["id"]]["hard"],
+                "rare": cases[a["id"]]["rare"],
                 "score": a.get("score"),
                 "entropy": state["records"].get(a["id"], {}).get("entropy"),
                 "fallback": a.get("fallback"),
@@ -240,7 +253,7 @@ def run(
         rounds.append(row)
         print(
             f"  {strategy:9s} seed {seed} labels {row['labels']:2d}: dice {ev['dice']:.3f} "
-            f"(hard {ev['dice_hard']:.3f}) picked {[p['id'][-3:] + ('*' if p['hard'] else '') for p in row['picked']]}"
+            f"(rare {ev['dice_rare']:.3f}) picked {[p['id'][-3:] + ('*' if p['rare'] else '') for p in row['picked']]}"
             f" train {train_s:.0f}s score {row['score_seconds']:.0f}s",
             flush=True,
         )
@@ -248,13 +261,13 @@ def run(
 
 
 def _separation(records: Dict[str, Dict], cases: Dict[str, Dict], ids: Sequence[str]) -> Dict[str, Any]:
-    """How well the entropy score tells hard cases from the rest among the scored images (AUC)."""
-    hard = [records[i]["entropy"] for i in ids if cases[i]["hard"] and "entropy" in records.get(i, {})]
-    easy = [records[i]["entropy"] for i in ids if not cases[i]["hard"] and "entropy" in records.get(i, {})]
-    if not hard or not easy:
+    """How well the entropy score tells the rare subgroup from the rest among the scored images (AUC)."""
+    rare = [records[i]["entropy"] for i in ids if cases[i]["rare"] and "entropy" in records.get(i, {})]
+    common = [records[i]["entropy"] for i in ids if not cases[i]["rare"] and "entropy" in records.get(i, {})]
+    if not rare or not common:
         return {}
-    auc = float(np.mean([(h > e) + 0.5 * (h == e) for h in hard for e in easy]))
-    return {"auc_entropy_hard": round(auc, 3), "mean_hard": float(np.mean(hard)), "mean_easy": float(np.mean(easy))}
+    auc = float(np.mean([(r > c) + 0.5 * (r == c) for r in rare for c in common]))
+    return {"auc_entropy_rare": round(auc, 3), "mean_rare": float(np.mean(rare)), "mean_common": float(np.mean(common))}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -288,10 +301,10 @@ def summarise(results: Dict[str, Dict[int, List[Dict]]], reference: List[Dict], 
         per_seed = [labels_to_reach({row["labels"]: row["dice"] for row in rows}, target) for rows in by_seed.values()]
         picked = [p for rows in by_seed.values() for row in rows for p in row.get("picked", [])]
         aucs = [
-            row["entropy_hard_vs_easy"]["auc_entropy_hard"]
+            row["entropy_rare_vs_common"]["auc_entropy_rare"]
             for rows in by_seed.values()
             for row in rows
-            if row.get("entropy_hard_vs_easy")
+            if row.get("entropy_rare_vs_common")
         ]
         later = [n for n in labels if n > labels[0]]
         table[strategy] = {
@@ -301,9 +314,9 @@ def summarise(results: Dict[str, Dict[int, List[Dict]]], reference: List[Dict], 
             "std_dice": std,
             "labels_to_target": labels_to_reach(mean, target),
             "labels_to_target_per_seed": per_seed,
-            "hard_fraction_picked": float(np.mean([p["hard"] for p in picked])) if picked else None,
-            "entropy_auc_hard_vs_easy": float(np.mean(aucs)) if aucs else None,
-            "final_dice_hard": float(np.mean([rows[-1]["dice_hard"] for rows in by_seed.values()])),
+            "rare_fraction_picked": float(np.mean([p["rare"] for p in picked])) if picked else None,
+            "entropy_auc_rare_vs_common": float(np.mean(aucs)) if aucs else None,
+            "final_dice_rare": float(np.mean([rows[-1]["dice_rare"] for rows in by_seed.values()])),
         }
     base = table.get("random", {}).get("labels_to_target")
     for row in table.values():
@@ -339,13 +352,14 @@ def plot(summary: Dict[str, Any], reference: List[Dict], out: Path, title: str) 
 def markdown(result: Dict[str, Any]) -> str:
     s = result["summary"]
     cfg = result["config"]
+    rare = RARE_WORDS[cfg["rare"]]
     lines = [
         "# Active-learning study (simulated annotators)",
         "",
         f"`{result['command']}` on {result['machine']}, {result['minutes']:.0f} min.",
         "",
-        f"Pool of {cfg['pool']} phantoms (the sample data's cohort, rendered small; {cfg['pool_hard']} hard), "
-        f"{cfg['heldout']} held-out ({cfg['heldout_hard']} hard). Start: {cfg['initial']} random labeled cases and "
+        f"Pool of {cfg['pool']} phantoms (the sample data's cohort, rendered small; {cfg['pool_rare']} {rare}), "
+        f"{cfg['heldout']} held-out ({cfg['heldout_rare']} {rare}). Start: {cfg['initial']} random labeled cases and "
         f"a model trained on them for {cfg['warmup_steps']} steps; each round fine-tunes {cfg['steps']} steps, "
         f"scores the pool and labels {cfg['batch']} more, up to {cfg['max_labels']}. {len(cfg['seeds'])} seeds. "
         f"Training spacing {cfg['spacing']} mm, scoring at {cfg['scoring_spacing_factor']:g}x that; "
@@ -355,7 +369,7 @@ def markdown(result: Dict[str, Any]) -> str:
         f"Dice **{s['reference_dice']:.3f}**; target = {s['fraction']:.0%} of it = {s['target_dice']:.3f}.",
         "",
         "| strategy | labels to reach the target | relative to random | per seed | mean Dice over rounds | "
-        "final Dice | final Dice on hard cases | hard cases among picks | entropy AUC hard vs easy |",
+        f"final Dice | final Dice on {rare} | {rare} among picks | entropy AUC {rare} vs the rest |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
 
@@ -368,8 +382,8 @@ def markdown(result: Dict[str, Any]) -> str:
             f"| {name} | {fmt(row['labels_to_target'])} | {fmt(row['relative_to_random'], '.0%')} | "
             f"{', '.join(fmt(v, '.0f') for v in row['labels_to_target_per_seed'])} | "
             f"{fmt(row['mean_dice_over_rounds'], '.3f')} | "
-            f"{row['mean_dice'][last]:.3f} +- {row['std_dice'][last]:.3f} | {row['final_dice_hard']:.3f} | "
-            f"{fmt(row['hard_fraction_picked'], '.0%')} | {fmt(row['entropy_auc_hard_vs_easy'], '.2f')} |"
+            f"{row['mean_dice'][last]:.3f} +- {row['std_dice'][last]:.3f} | {row['final_dice_rare']:.3f} | "
+            f"{fmt(row['rare_fraction_picked'], '.0%')} | {fmt(row['entropy_auc_rare_vs_common'], '.2f')} |"
         )
     lines += ["", "![learning curves](active_learning.png)", "", *result.get("notes", [])]
     return "\n".join(lines) + "\n"
@@ -382,10 +396,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--pool", type=int, default=24)
     ap.add_argument("--heldout", type=int, default=16)
+    ap.add_argument("--rare", choices=RARE, default="hard", help="the subgroup: hard cases or native-phase cases")
     ap.add_argument(
-        "--hard-every", type=int, default=4, help="every Nth pool case is hard (default 4, as in the sample data)"
+        "--rare-every",
+        type=int,
+        default=4,
+        help="every Nth pool case is in the subgroup (default 4, as hard cases in the sample data)",
     )
-    ap.add_argument("--heldout-hard-every", type=int, default=4, help="the same for the held-out cases")
+    ap.add_argument("--heldout-rare-every", type=int, default=4, help="the same for the held-out cases")
     ap.add_argument("--initial", type=int, default=2)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--max-labels", type=int, default=14)
@@ -419,8 +437,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         print("rendering the cohort ...", flush=True)
-        pool = build_cohort(work, "seg", args.pool, seed=0, hard_every=args.hard_every)
-        heldout = build_cohort(work, "seg_heldout", args.heldout, seed=0, hard_every=args.heldout_hard_every)
+        pool = build_cohort(work, "seg", args.pool, 0, args.rare, args.rare_every)
+        heldout = build_cohort(work, "seg_heldout", args.heldout, 0, args.rare, args.heldout_rare_every)
         cases = {c["id"]: c for c in pool}
         trainer = Trainer(conf, pool, heldout, work, args.lr)
         images = {c["id"]: scorer.load_image(c["image"]) for c in pool}
@@ -462,8 +480,8 @@ def write_results(args, argv, start, results, reference, pool, heldout, scorer) 
         "config": {
             **{k: v for k, v in vars(args).items() if k != "out"},
             "seeds": list(range(done)),
-            "pool_hard": sum(c["hard"] for c in pool),
-            "heldout_hard": sum(c["hard"] for c in heldout),
+            "pool_rare": sum(c["rare"] for c in pool),
+            "heldout_rare": sum(c["rare"] for c in heldout),
             "scoring_spacing": list(scorer.spacing),
         },
         "summary": summary,
