@@ -1,6 +1,8 @@
 """Simulated annotation study: how many labels each active-learning strategy needs, against random.
 
-    python benchmarks/active_learning.py                     # the recorded study (30-40 min on 2 idle CPU cores)
+    python benchmarks/active_learning.py --strategies random,entropy,hybrid --pool 40 --rare native \
+        --rare-every 10 --heldout-rare-every 2 --max-labels 16 --warmup-steps 1200 --steps 400
+                                                  # the recorded study (about 36 min on 2 idle CPU cores)
     python benchmarks/active_learning.py --seeds 1 --strategies random,entropy --max-labels 8   # a quick look
 
 The cohort is the sample data's: ``cohort_plan("seg", 24)`` of ``labelloop_app.synthetic`` (the same seeds,
