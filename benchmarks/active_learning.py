@@ -327,6 +327,11 @@ def summarise(results: Dict[str, Dict[int, List[Dict]]], reference: List[Dict], 
     return {"reference_dice": ref, "target_dice": target, "fraction": fraction, "strategies": table}
 
 
+def at_labels(curve: Dict[Any, float], n: int) -> float:
+    """A curve's value at ``n`` labels, whether its keys are numbers (in memory) or strings (read back from JSON)."""
+    return curve[n] if n in curve else curve[str(n)]
+
+
 def plot(summary: Dict[str, Any], reference: List[Dict], out: Path, title: str) -> None:
     import matplotlib
 
@@ -336,8 +341,8 @@ def plot(summary: Dict[str, Any], reference: List[Dict], out: Path, title: str) 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for name, row in summary["strategies"].items():
         x = np.array(row["labels"])
-        m = np.array([row["mean_dice"][n] for n in row["labels"]])
-        s = np.array([row["std_dice"][n] for n in row["labels"]])
+        m = np.array([at_labels(row["mean_dice"], n) for n in row["labels"]])
+        s = np.array([at_labels(row["std_dice"], n) for n in row["labels"]])
         (line,) = ax.plot(x, m, "o-", label=name, lw=2 if name != "random" else 2.5)
         ax.fill_between(x, m - s, m + s, color=line.get_color(), alpha=0.15)
     ax.axhline(summary["reference_dice"], color="k", ls="--", lw=1, label="all labels")
@@ -384,7 +389,8 @@ def markdown(result: Dict[str, Any]) -> str:
             f"| {name} | {fmt(row['labels_to_target'])} | {fmt(row['relative_to_random'], '.0%')} | "
             f"{', '.join(fmt(v, '.0f') for v in row['labels_to_target_per_seed'])} | "
             f"{fmt(row['mean_dice_over_rounds'], '.3f')} | "
-            f"{row['mean_dice'][last]:.3f} +- {row['std_dice'][last]:.3f} | {row['final_dice_rare']:.3f} | "
+            f"{at_labels(row['mean_dice'], last):.3f} +- {at_labels(row['std_dice'], last):.3f} | "
+            f"{row['final_dice_rare']:.3f} | "
             f"{fmt(row['rare_fraction_picked'], '.0%')} | {fmt(row['entropy_auc_rare_vs_common'], '.2f')} |"
         )
     lines += ["", "![learning curves](active_learning.png)", "", *result.get("notes", [])]
