@@ -258,3 +258,31 @@ def test_one_batch_at_a_time_interactive_requests_first_and_cancel(own):
     assert s.delete("/labelloop/batch").status_code == 404
     assert s.delete("/batch/infer").json() is None  # MONAI Label's answer when nothing runs
     assert s.get("/batch/infer?check_if_running=true").status_code == 404
+
+
+# --- the label check the batch stores with ------------------------------------------------------------------------
+def test_label_check_with_values_in_memory_still_reads_the_grid_from_the_file(tmp_path):
+    from labelloop_app.datastore import SegmentationLabelCheck
+    from labelloop_app.errors import UnprocessableInput
+
+    image = sitk.Image([6, 5, 4], sitk.sitkInt16)
+    image.SetSpacing((1.5, 1.5, 3.0))
+    image_path, label_path = str(tmp_path / "image.nii.gz"), str(tmp_path / "label.nii.gz")
+    sitk.WriteImage(image, image_path)
+    label = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+    label.CopyInformation(image)
+    label[1, 1, 1] = 2
+    sitk.WriteImage(label, label_path)
+    check = SegmentationLabelCheck({"liver": 1, "spleen": 2})
+    values = sitk.GetArrayViewFromImage(label)
+    check("case", image_path, label_path, {}, values)  # as written: accepted
+    check("case", image_path, label_path, {})  # the same from the file
+
+    wrong = values.copy()
+    wrong[0, 0, 0] = 7
+    with pytest.raises(UnprocessableInput, match=r"values \[7\] that name no configured structure"):
+        check("case", image_path, label_path, {}, wrong)
+    label.SetSpacing((1.5, 1.5, 2.0))
+    sitk.WriteImage(label, label_path)
+    with pytest.raises(UnprocessableInput, match="label geometry does not match image 'case'.*spacing"):
+        check("case", image_path, label_path, {}, values)

@@ -31,6 +31,8 @@ from collections import deque
 from datetime import datetime
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
+import SimpleITK as sitk
 import torch
 from fastapi import APIRouter, Depends, HTTPException
 from monailabel.config import settings
@@ -40,6 +42,7 @@ from monailabel.interfaces.tasks.batch_infer import BatchInferTask
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
+from labelloop_app.datastore import LabelLoopDatastore
 from labelloop_app.errors import BadRequest, Conflict, NotFound, UnprocessableInput
 from labelloop_app.geometry import UnreadableImageError
 from labelloop_app.torch_threads import INFERENCE_THREADS, use_inference_threads
@@ -646,7 +649,9 @@ class LabelLoopBatchInfer(BatchInferTask):
             result_file, result_json = task.writer(data)
             result_json = dict(result_json or {})
             result_json["label_names"] = task.labels
-            stored = self._store(datastore, task, job.model, image_id, result_file, result_json)
+            pred = data.get("pred")
+            values = sitk.GetArrayViewFromImage(pred) if isinstance(pred, sitk.Image) else None
+            stored = self._store(datastore, task, job.model, image_id, result_file, result_json, values)
         except Exception as e:
             job.failed(image_id, _message(image_id, e))
         else:
@@ -657,10 +662,17 @@ class LabelLoopBatchInfer(BatchInferTask):
 
     @staticmethod
     def _store(
-        datastore: Datastore, task: InferTask, model: str, image_id: str, result_file, result_json: Dict[str, Any]
+        datastore: Datastore,
+        task: InferTask,
+        model: str,
+        image_id: str,
+        result_file,
+        result_json: Dict[str, Any],
+        values: Optional[np.ndarray] = None,
     ) -> bool:
         """Store the label map under ``original``; ``True`` when stored. A classification answer is JSON (any
-        file beside it is an explanation map, not a label): nothing is stored, the record keeps the answer."""
+        file beside it is an explanation map, not a label): nothing is stored, the record keeps the answer.
+        ``values``: the voxels just written to ``result_file``, checked in memory rather than read back."""
         has_file = isinstance(result_file, str) and bool(result_file) and os.path.exists(result_file)
         try:
             if task.type == InferType.CLASSIFICATION:
@@ -668,7 +680,10 @@ class LabelLoopBatchInfer(BatchInferTask):
             if not has_file:
                 raise RuntimeError("the model produced no label file")
             info = {"model": model, "params": result_json}  # as MONAI Label's infer stores it
-            datastore.save_label(image_id, result_file, DefaultLabelTag.ORIGINAL.value, info)
+            if values is not None and isinstance(datastore, LabelLoopDatastore):
+                datastore.save_label(image_id, result_file, DefaultLabelTag.ORIGINAL.value, info, values=values)
+            else:
+                datastore.save_label(image_id, result_file, DefaultLabelTag.ORIGINAL.value, info)
             return True
         finally:
             if has_file:

@@ -48,15 +48,28 @@ def present_values(values: np.ndarray) -> np.ndarray:
 
 
 class SegmentationLabelCheck:
-    """Label map on the image's grid with values among ``{0} U labels.values()``."""
+    """Label map on the image's grid with values among ``{0} U labels.values()``.
+
+    ``values``, when the caller holds the label map it has just written (batch inference), are checked in memory
+    instead of decompressing the file again; the grid is then read from the file's header alone."""
 
     def __init__(self, labels: Dict[str, int]):
         self.labels = dict(labels)
         self.allowed = np.array(sorted({0, *self.labels.values()}))
 
-    def __call__(self, image_id: str, image_path: str, label_path: str, info: Dict[str, Any]) -> None:
+    def __call__(
+        self,
+        image_id: str,
+        image_path: str,
+        label_path: str,
+        info: Dict[str, Any],
+        values: Optional[np.ndarray] = None,
+    ) -> None:
         try:
-            values, geometry = label_array(label_path)
+            if values is None:
+                values, geometry = label_array(label_path)
+            else:
+                geometry = read_geometry(label_path)
         except UnreadableImageError as e:
             raise UnprocessableInput(f"cannot read the label for image {image_id!r}: {e}") from e
         image_geometry = read_geometry(image_path)
@@ -119,7 +132,16 @@ class LabelLoopDatastore(LocalDatastore):
             self._update_datastore_file(lock=False)
         return image_id
 
-    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
+    def save_label(
+        self,
+        image_id: str,
+        label_filename: str,
+        label_tag: str,
+        label_info: Dict[str, Any],
+        values: Optional[np.ndarray] = None,
+    ) -> str:
+        """Store a label file under ``label_tag`` after checking it; ``values``: the file's voxel values when the
+        caller holds them, checked in memory (see :class:`SegmentationLabelCheck`)."""
         check_name("label tag", label_tag)
         if label_tag == CLASS_TAG:  # image-level class: a JSON file, see labelloop_app.class_labels
             if self.class_check is None:
@@ -133,7 +155,7 @@ class LabelLoopDatastore(LocalDatastore):
             raise NotFound(f"image {image_id!r} is not in the datastore")
         ext = self._extension_of(label_filename)
         if self.label_check is not None:
-            self.label_check(image_id, self.get_image_uri(image_id), label_filename, label_info or {})
+            self.label_check(image_id, self.get_image_uri(image_id), label_filename, label_info or {}, values)
 
         label_dir = self._datastore.label_path(label_tag)
         dest = os.path.join(label_dir, image_id + ext)
