@@ -135,16 +135,6 @@ def batch(server: Server, client: LabelLoopClient, ids: List[str], params: Dict)
     }
 
 
-def wait_for_scoring(server: Server, timeout: float = 600.0) -> None:
-    """Until the server's background scoring (started with a model present) is idle."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if server.get("/scoring/").json().get("status") not in ("SUBMITTED", "RUNNING"):
-            return
-        time.sleep(1.0)
-    raise RuntimeError(f"scoring still running after {timeout} s")
-
-
 def run_mode(name: str, server: Server, client: LabelLoopClient, paths: List[Path], root: Path) -> Dict:
     ids = [p.name[: -len(".nii.gz")] for p in paths]
     load_before = os.getloadavg()[0]
@@ -185,7 +175,7 @@ def main(argv=None) -> int:
         try:
             first = paths[0].name[: -len(".nii.gz")]
             client.infer("segmentation", image_id=first, params={"device": "cpu"}, out_path=root / "warmup.nii.gz")
-            wait_for_scoring(server)
+            server.wait_task("scoring", missing_ok=True)  # background scoring would share the CPU
             for r in range(args.rounds):
                 order = MODES[r % len(MODES) :] + MODES[: r % len(MODES)]
                 rounds.append({name: run_mode(name, server, client, paths, root) for name in order})

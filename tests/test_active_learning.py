@@ -83,16 +83,6 @@ def release(server, image_id: str, client_id: str) -> None:
     assert r.status_code == 200, r.text
 
 
-def wait_scoring(server, timeout: float = 120) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        task = server.get("/scoring/").json()
-        if task["status"] not in ("SUBMITTED", "RUNNING"):
-            return task
-        time.sleep(0.2)
-    raise AssertionError(f"scoring did not finish in {timeout}s\n{server.log_tail()}")
-
-
 def test_without_a_model_uncertainty_strategies_fall_back_to_random_and_say_so(al):
     info = al.info()
     assert set(STRATEGIES) <= set(info["strategies"])
@@ -139,7 +129,7 @@ def test_scoring_writes_scores_skips_scored_images_and_inference_stays_responsiv
     t0 = time.time()
     during = infer_seconds()
     t1 = t0 + during
-    done = wait_scoring(al)
+    done = al.wait_task("scoring", timeout=120, poll=0.2)
 
     assert done["status"] == "DONE", done
     assert done["start_time"] < t0 and done["end_time"] > t1, "the inference did not overlap the scoring run"

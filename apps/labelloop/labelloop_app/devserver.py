@@ -58,15 +58,18 @@ class Server:
         except OSError:
             return ""
 
-    def wait_task(self, kind: str = "train", timeout: float = 600) -> dict:
-        """Poll ``/train/`` or ``/batch/infer`` until the latest task is no longer running."""
-        path = "/train/" if kind == "train" else "/batch/infer"
+    def wait_task(self, kind: str = "train", timeout: float = 600, poll: float = 1.0, missing_ok: bool = False) -> dict:
+        """Poll ``/train/``, ``/batch/infer`` or ``/scoring/`` (``kind``: train, batch_infer or scoring) until the
+        latest task is no longer running; its last status. ``missing_ok``: no task of that kind yet (404) is idle."""
+        path = {"train": "/train/", "batch_infer": "/batch/infer", "scoring": "/scoring/"}[kind]
         deadline = time.time() + timeout
         while time.time() < deadline:
             r = self.get(path)
+            if r.status_code == 404 and missing_ok:
+                return {}
             if r.status_code == 200 and r.json().get("status") not in ("SUBMITTED", "RUNNING", "QUEUED"):
                 return r.json()
-            time.sleep(1.0)
+            time.sleep(poll)
         raise AssertionError(f"{kind} did not finish in {timeout}s\n{self.log_tail()}")
 
     def train(self, params: Optional[dict] = None, timeout: float = 600) -> dict:
