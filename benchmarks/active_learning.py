@@ -426,6 +426,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fraction", type=float, default=0.95, help="target: this fraction of the all-labels Dice")
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument(
+        "--resume",
+        type=Path,
+        help="an active_learning.json of the same study: its finished seeds are kept and only the missing ones up to "
+        "--seeds run (to add seeds to a recorded study)",
+    )
     args = ap.parse_args(argv)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = [s for s in strategies if s not in STRATEGIES]
@@ -453,9 +459,13 @@ def main(argv=None) -> int:
         print(f"cohort ready in {time.time() - start:.0f}s", flush=True)
 
         results: Dict[str, Dict[int, List[Dict]]] = {s: {} for s in strategies}
-        reference = []
+        reference: List[Dict] = []
+        if args.resume:
+            results, reference, minutes = resume(args.resume, args)
+            start -= 60.0 * minutes
+            print(f"resumed {len(reference)} seed(s) from {args.resume}", flush=True)
         total_steps = args.steps * math.ceil((args.max_labels - args.initial) / args.batch)
-        for seed in range(args.seeds):
+        for seed in range(len(reference), args.seeds):
             rng = random.Random(seed)
             initial = rng.sample(sorted(cases), args.initial)
             torch.manual_seed(seed)
@@ -476,6 +486,19 @@ def main(argv=None) -> int:
     return 0
 
 
+def resume(path: Path, args: argparse.Namespace) -> tuple:
+    """The runs, references and minutes of a previous result of the same study (every setting but the number of
+    seeds must match), so that more seeds can be added to it."""
+    previous = json.loads(path.read_text())
+    config = previous["config"]
+    mine = {k: v for k, v in vars(args).items() if k not in ("out", "resume", "seeds")}
+    differ = [k for k, v in mine.items() if k in config and config[k] != v]
+    if differ:
+        raise SystemExit(f"--resume {path}: another study ({', '.join(f'{k}={config[k]!r}' for k in differ)})")
+    runs = {s: {int(seed): rounds for seed, rounds in by_seed.items()} for s, by_seed in previous["runs"].items()}
+    return runs, list(previous["reference"]), float(previous.get("minutes", 0.0))
+
+
 def write_results(args, argv, start, results, reference, pool, heldout, scorer) -> Dict[str, Any]:
     """Write the JSON, Markdown and PNG for the seeds finished so far (called after every seed)."""
     done = len(reference)
@@ -486,7 +509,7 @@ def write_results(args, argv, start, results, reference, pool, heldout, scorer) 
         "machine": machine(),
         "minutes": (time.time() - start) / 60.0,
         "config": {
-            **{k: v for k, v in vars(args).items() if k != "out"},
+            **{k: v for k, v in vars(args).items() if k not in ("out", "resume")},
             "seeds": list(range(done)),
             "pool_rare": sum(c["rare"] for c in pool),
             "heldout_rare": sum(c["rare"] for c in heldout),
