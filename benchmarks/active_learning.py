@@ -5,6 +5,10 @@
                                                   # the recorded study (about 36 min on 2 idle CPU cores)
     python benchmarks/active_learning.py --seeds 1 --strategies random,entropy --max-labels 8   # a quick look
 
+The recorded study is that first command (seeds 0-2, about 36 min) with seeds 3 and 4 added by
+``--seeds 5 --resume benchmarks/results/active_learning.json`` (about 31 min more): ``--resume`` keeps a recorded
+study's seeds and runs only the missing ones (every other setting must match).
+
 The cohort is the sample data's: ``cohort_plan("seg", 24)`` of ``labelloop_app.synthetic`` (the same seeds,
 orientations, field-of-view cuts and hard cases as ``sample-data/segmentation``) as the pool, and
 ``cohort_plan("seg_heldout", 16)`` (the sample data's 8 held-out cases and the next 8) for evaluation, rendered
@@ -380,8 +384,8 @@ def markdown(result: Dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
 
-    def fmt(v, spec=".1f"):
-        return "not reached" if v is None else format(v, spec)
+    def fmt(v, spec=".1f", missing="not reached"):
+        return missing if v is None else format(v, spec)
 
     for name, row in s["strategies"].items():
         last = row["labels"][-1]
@@ -391,7 +395,8 @@ def markdown(result: Dict[str, Any]) -> str:
             f"{fmt(row['mean_dice_over_rounds'], '.3f')} | "
             f"{at_labels(row['mean_dice'], last):.3f} +- {at_labels(row['std_dice'], last):.3f} | "
             f"{row['final_dice_rare']:.3f} | "
-            f"{fmt(row['rare_fraction_picked'], '.0%')} | {fmt(row['entropy_auc_rare_vs_common'], '.2f')} |"
+            f"{fmt(row['rare_fraction_picked'], '.0%')} | "
+            f"{fmt(row['entropy_auc_rare_vs_common'], '.2f', 'not scored')} |"
         )
     lines += ["", "![learning curves](active_learning.png)", "", *result.get("notes", [])]
     return "\n".join(lines) + "\n"
