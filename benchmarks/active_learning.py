@@ -2,12 +2,12 @@
 
     python benchmarks/active_learning.py --strategies random,entropy,hybrid --pool 40 --rare native \
         --rare-every 10 --heldout-rare-every 2 --max-labels 16 --warmup-steps 1200 --steps 400
-                                                  # the recorded study (about 36 min on 2 idle CPU cores)
+                                                  # seeds 0-2 of the recorded study (about 36 min, 2 idle cores)
     python benchmarks/active_learning.py --seeds 1 --strategies random,entropy --max-labels 8   # a quick look
 
-The recorded study is that first command (seeds 0-2, about 36 min) with seeds 3 and 4 added by
-``--seeds 5 --resume benchmarks/results/active_learning.json`` (about 31 min more): ``--resume`` keeps a recorded
-study's seeds and runs only the missing ones (every other setting must match).
+The recorded study adds seeds 3 and 4 to that with ``--seeds 5 --resume benchmarks/results/active_learning.json``
+(about 31 min more): ``--resume`` keeps a recorded study's seeds and runs only the missing ones (every other setting
+must match).
 
 The cohort is the sample data's: ``cohort_plan("seg", 24)`` of ``labelloop_app.synthetic`` (the same seeds,
 orientations, field-of-view cuts and hard cases as ``sample-data/segmentation``) as the pool, and
@@ -43,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -491,7 +491,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def resume(path: Path, args: argparse.Namespace) -> tuple:
+def resume(path: Path, args: argparse.Namespace) -> Tuple[Dict[str, Dict[int, List[Dict]]], List[Dict], float]:
     """The runs, references and minutes of a previous result of the same study (every setting but the number of
     seeds must match), so that more seeds can be added to it."""
     previous = json.loads(path.read_text())

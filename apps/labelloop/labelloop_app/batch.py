@@ -680,10 +680,9 @@ class LabelLoopBatchInfer(BatchInferTask):
             if not has_file:
                 raise RuntimeError("the model produced no label file")
             info = {"model": model, "params": result_json}  # as MONAI Label's infer stores it
-            if values is not None and isinstance(datastore, LabelLoopDatastore):
-                datastore.save_label(image_id, result_file, DefaultLabelTag.ORIGINAL.value, info, values=values)
-            else:
-                datastore.save_label(image_id, result_file, DefaultLabelTag.ORIGINAL.value, info)
+            in_memory = values is not None and isinstance(datastore, LabelLoopDatastore)  # not a DICOMweb store
+            extra = {"values": values} if in_memory else {}
+            datastore.save_label(image_id, result_file, DefaultLabelTag.ORIGINAL.value, info, **extra)
             return True
         finally:
             if has_file:
