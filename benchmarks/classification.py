@@ -29,26 +29,33 @@ from tqdm import tqdm
 from labelloop_app.class_labels import CLASS_EXT, CLASS_TAG, write_class_label
 from labelloop_app.classification_metrics import classification_report
 from labelloop_app.devserver import start_server, stop_server
-from labelloop_app.synthetic import cohort_plan, generate_sample_data, make_lesion_phantom
+from labelloop_app.synthetic import class_label_document, cohort_plan, generate_sample_data, make_lesion_phantom
 
 HERE = Path(__file__).resolve().parent
 SIZE_BINS = ((0.0, 5.0), (5.0, 10.0), (10.0, 100.0))
 
 
+def _marked(case: dict) -> tuple:
+    """The class and findings of a case's label, as an annotator who marks the lesion would store them."""
+    doc = class_label_document(case["class"], case)
+    return doc["class"], doc["findings"]
+
+
 def prepare_studies(sample: Path, root: Path, extra: int = 0) -> Path:
-    """Every classification study with its true class as a class label, plus ``extra`` more generated cases (a
-    cohort of the generator's own seed 1, independent of the sample data and of the held-out cases)."""
+    """Every classification study with its true class (and lesion as a finding) as a class label, plus ``extra``
+    more generated cases (a cohort of the generator's own seed 1, independent of the sample data and of the
+    held-out cases)."""
     studies = root / "studies"
     studies.mkdir(parents=True)
     truth = json.loads((sample / "classification_truth.json").read_text())
     for image_id, case in truth.items():
         shutil.copy(sample / "classification" / f"{image_id}.nii.gz", studies / f"{image_id}.nii.gz")
-        write_class_label(str(studies / "labels" / CLASS_TAG / f"{image_id}{CLASS_EXT}"), case["class"])
+        write_class_label(str(studies / "labels" / CLASS_TAG / f"{image_id}{CLASS_EXT}"), *_marked(case))
     for case in tqdm(cohort_plan("cls", extra, seed=1), desc="extra training cases", disable=not extra):
         image_id = f"extra_{case.pop('id')}"
         image, info = make_lesion_phantom(**case)
         sitk.WriteImage(image, str(studies / f"{image_id}.nii.gz"), useCompression=True)
-        write_class_label(str(studies / "labels" / CLASS_TAG / f"{image_id}{CLASS_EXT}"), info["class"])
+        write_class_label(str(studies / "labels" / CLASS_TAG / f"{image_id}{CLASS_EXT}"), *_marked(info))
     return studies
 
 

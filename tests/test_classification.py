@@ -35,6 +35,7 @@ CLS_CONF = {
     "auto_scoring": "false",
 }
 UNLABELED = "lesion_009"
+FAR = {"centre_lps": [1e5, 0.0, 0.0], "radius_mm": 5.0}  # a finding 100 m away from any image
 
 
 @pytest.fixture(scope="session")
@@ -116,9 +117,19 @@ def test_generator_class_labels_are_served(cls_server, cls_sample):
     assert set(labeled.values()) == set(CLASSES)  # the generator labels both classes
     assert listing["labeled"] == 6 and listing["total"] == 12 and listing["unlabeled"] == 6
     objects = datastore_json(cls_server.studies)["objects"]
+    truth = json.loads((cls_sample / "classification_truth.json").read_text())
     for image_id, name in labeled.items():
-        assert objects[image_id]["labels"]["class"]["info"]["class"] == name
+        info = objects[image_id]["labels"]["class"]["info"]
+        assert info["class"] == name
         assert "final" not in objects[image_id]["labels"]
+        # the generator marks each labeled lesion as a finding at its true centre; normal cases mark none
+        marks = (
+            []
+            if name == "normal"
+            else [{"centre_lps": truth[image_id]["centre"], "radius_mm": truth[image_id]["lesion_radius_mm"]}]
+        )
+        assert info["findings"] == marks
+        assert listing["findings"][image_id] == len(marks)
 
 
 def test_class_label_submitted_listed_downloaded_and_removed(cls_server, tmp_path):
@@ -152,6 +163,17 @@ def test_class_label_submitted_listed_downloaded_and_removed(cls_server, tmp_pat
         (UNLABELED, {"class": "lesion"}, {"label_info": {"class": "normal"}}, "label.json", 422, ["but 'normal'"]),
         (UNLABELED, None, None, "mask.nii.gz", 422, ["cannot read the class label"]),
         ("no_such_image", {"class": "lesion"}, None, "label.json", 404, ["'no_such_image' is not in the datastore"]),
+        (
+            UNLABELED,
+            {"class": "lesion", "findings": [FAR]},
+            None,
+            "label.json",
+            422,
+            ["finding 0", "outside the image"],
+        ),
+        (UNLABELED, {"class": "lesion"}, {"findings": [{"centre_lps": [0, 0]}]}, "label.json", 422, ["exactly"]),
+        (UNLABELED, {"class": "lesion", "findings": [{**FAR, "radius_mm": 0}]}, None, "label.json", 422, ["(0, 500]"]),
+        (UNLABELED, {"class": "lesion", "findings": []}, {"findings": [FAR]}, "label.json", 422, ["other findings"]),
     ],
 )
 def test_bad_class_label_rejected_and_datastore_unchanged(
@@ -303,7 +325,7 @@ def test_segmentation_trains_on_final_labels_only_beside_class_labels(cls_server
 
 def test_slicer_session_classifies_and_submits_a_class(cls_trained, tmp_path):
     """The Slicer extension's Lib uses the same class-label convention as the server and the command line."""
-    from LabelLoopLib.workflow import AnnotationSession, LabelLoopError
+    from LabelLoopLib.workflow import AnnotationSession, LabelLoopError, finding_from_ras
 
     server = cls_trained.server
     session = AnnotationSession(LabelLoopClient(server.url), cache_dir=str(tmp_path / "cache"))
@@ -316,6 +338,15 @@ def test_slicer_session_classifies_and_submits_a_class(cls_trained, tmp_path):
     assert server.get("/labelloop/classes").json()["labels"][UNLABELED] == "lesion"
     stored = server.studies / "labels" / "class" / f"{UNLABELED}.json"
     assert json.loads(stored.read_text()) == {"class": "lesion"}
+
+    # a point placed in Slicer (RAS) arrives as an LPS finding, in the file and in the label info
+    image = sitk.ReadImage(str(server.studies / f"{UNLABELED}.nii.gz"))
+    lps = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in image.GetSize()])
+    session.submit_class("lesion", UNLABELED, findings=[finding_from_ras([-lps[0], -lps[1], lps[2]], 7.5)])
+    expected = [{"centre_lps": [round(v, 3) for v in lps], "radius_mm": 7.5}]
+    assert json.loads(stored.read_text()) == {"class": "lesion", "findings": expected}
+    assert datastore_json(server.studies)["objects"][UNLABELED]["labels"]["class"]["info"]["findings"] == expected
+    assert server.get("/labelloop/classes").json()["findings"][UNLABELED] == 1
 
     before = snapshot(server.studies)
     with pytest.raises(LabelLoopError, match="unknown class 'tumour'"):

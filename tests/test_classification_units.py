@@ -4,6 +4,7 @@ the whole-volume transforms and the explanation maps (no server)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,14 @@ from conftest import snapshot
 from labelloop_app.class_labels import (
     CLASS_TAG,
     ClassLabelCheck,
+    class_findings_of,
     class_from_info,
     class_labels_of,
     class_summary,
+    findings_from_info,
+    findings_outside,
+    parse_findings,
+    read_class_document,
     read_class_label,
     write_class_label,
 )
@@ -31,7 +37,7 @@ from labelloop_app.explain import explain_method, gradcam_map, occlusion_map, re
 from labelloop_app.geometry import Geometry, geometry_from_ras_affine
 from labelloop_app.infer_classification import class_probabilities
 from labelloop_app.networks import CAM_LAYERS, classification_network
-from labelloop_app.synthetic import CLASS_LABEL_DIR, make_lesion_phantom
+from labelloop_app.synthetic import CLASS_LABEL_DIR, class_label_document, make_lesion_phantom
 from labelloop_app.train_classification import class_weights, stratified_split
 from labelloop_app.transforms import whole_volume_transforms
 
@@ -164,6 +170,71 @@ def test_class_label_files_and_info(tmp_path):
     assert class_from_info({"label_info": [{"name": "liver", "idx": 1}]}) is None
 
 
+def test_findings_are_validated_and_canonical():
+    marks = parse_findings([{"centre_lps": [1, "2.5", -3.00049], "radius_mm": 4}])
+    assert marks == [{"centre_lps": [1.0, 2.5, -3.0], "radius_mm": 4.0}]
+    assert parse_findings(None) is None and parse_findings([]) == []
+    bad = [
+        ({"centre_lps": [0, 0, 0], "radius_mm": 1}, "must be a list"),
+        ([{"centre_lps": [0, 0, 0], "radius_mm": 1}] * 101, "at most 100"),
+        ([{"centre_lps": [0, 0, 0]}], "finding 0 must be exactly"),
+        ([{"centre_lps": [0, 0, 0], "radius_mm": 1, "label": "x"}], "finding 0 must be exactly"),
+        ([{"centre_lps": [0, 0, 0], "radius_mm": 1}, {"centre_lps": [0, 0], "radius_mm": 1}], "finding 1"),
+        ([{"centre_lps": [0, float("nan"), 0], "radius_mm": 1}], "3 finite numbers"),
+        ([{"centre_lps": "0,0,0", "radius_mm": 1}], "3 finite numbers"),
+        ([{"centre_lps": [0, 0, 0], "radius_mm": 0}], "(0, 500]"),
+        ([{"centre_lps": [0, 0, 0], "radius_mm": "5"}], "(0, 500]"),
+        ([{"centre_lps": [0, 0, 0], "radius_mm": True}], "(0, 500]"),
+    ]
+    for raw, words in bad:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            parse_findings(raw)
+
+
+def test_class_label_files_round_trip_findings(tmp_path):
+    path = tmp_path / "a.json"
+    marks = [{"centre_lps": [1.0, 2.0, 3.0], "radius_mm": 4.0}]
+    write_class_label(str(path), "lesion", marks)
+    assert json.loads(path.read_text()) == {"class": "lesion", "findings": marks}
+    assert read_class_document(str(path)) == ("lesion", marks)
+    write_class_label(str(path), "normal")
+    assert read_class_document(str(path)) == ("normal", None)
+    path.write_text(json.dumps({"class": "lesion", "findings": [{"centre_lps": [1, 2], "radius_mm": 1}]}))
+    with pytest.raises(ValueError, match="centre_lps"):
+        read_class_document(str(path))
+    assert findings_from_info({"label_info": {"findings": marks}}) == marks == findings_from_info({"findings": marks})
+    assert findings_from_info({"label_info": {"class": "lesion"}}) is None
+
+
+def test_findings_outside_uses_the_image_grid():
+    # a 10 x 20 x 5 grid of 2 mm voxels, axes permuted and flipped: index (i, j, k) sits at origin + D (2i, 2j, 2k)
+    direction = (0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+    grid = Geometry((10, 20, 5), (2.0, 2.0, 2.0), (100.0, 50.0, -10.0), direction)
+    inside = {"centre_lps": [100.0 - 2 * 19, 50.0 + 2 * 9, -10.0 + 2 * 4], "radius_mm": 1.0}  # the far corner voxel
+    beyond_x = {"centre_lps": [100.0 + 2.0, 50.0, -10.0], "radius_mm": 1.0}  # j = -1
+    beyond_z = {"centre_lps": [100.0, 50.0, -10.0 + 2 * 5], "radius_mm": 1.0}  # k = 5
+    assert findings_outside([inside, beyond_x, beyond_z], grid) == [1, 2]
+
+
+def test_generator_class_labels_carry_the_lesion_as_a_finding():
+    truth = {"class": "lesion", "lesion_radius_mm": 6.5, "centre": [-80.0, 1.0, 30.0]}
+    assert class_label_document("lesion", truth) == {
+        "class": "lesion",
+        "findings": [{"centre_lps": [-80.0, 1.0, 30.0], "radius_mm": 6.5}],
+    }
+    assert class_label_document("normal", {"class": "normal", "lesion_radius_mm": 0.0, "centre": None}) == {
+        "class": "normal",
+        "findings": [],
+    }
+    assert class_label_document("normal", None) == {"class": "normal"}
+
+
+def test_slicer_points_become_lps_findings():
+    from LabelLoopLib.workflow import finding_from_ras
+
+    assert finding_from_ras([10.0, -20.0, 30.0], 5) == {"centre_lps": [-10.0, 20.0, 30.0], "radius_mm": 5.0}
+
+
 def _tiny_studies(root: Path, n: int = 3) -> Path:
     studies = root / "studies"
     studies.mkdir()
@@ -199,10 +270,24 @@ def test_datastore_stores_validates_and_rediscovers_class_labels(tmp_path):
         ds.save_label("img_2", str(upload), CLASS_TAG, {})
     assert snapshot(studies) == before and "img_2" not in class_labels_of(ds)
 
+    # findings: stored in the file and the info, counted by the listing; one outside the 8 mm cube is refused
+    marks = [{"centre_lps": [3.0, 4.0, 7.0], "radius_mm": 2.0}]
+    upload.write_text(json.dumps({"class": "lesion", "findings": marks}))
+    ds.save_label("img_0", str(upload), CLASS_TAG, {})
+    assert class_findings_of(ds) == {"img_0": marks}
+    assert class_summary(ds, CLASSES)["findings"] == {"img_0": 1}
+    before = snapshot(studies)
+    upload.write_text(json.dumps({"class": "lesion", "findings": [*marks, {"centre_lps": [3, 4, 8], "radius_mm": 1}]}))
+    with pytest.raises(UnprocessableInput, match=r"finding 1 of image 'img_0' lies outside the image"):
+        ds.save_label("img_0", str(upload), CLASS_TAG, {})
+    assert snapshot(studies) == before and class_findings_of(ds) == {"img_0": marks}
+
     # the JSON files alone are enough: a fresh datastore without datastore_v2.json reads them back
     (studies / "datastore_v2.json").unlink()
     (studies / "labels" / "class" / "img_2.json").write_text(json.dumps({"class": "unknown"}))  # skipped
-    assert class_labels_of(_datastore(studies)) == {"img_0": "lesion", "img_1": "normal"}
+    fresh = _datastore(studies)
+    assert class_labels_of(fresh) == {"img_0": "lesion", "img_1": "normal"}
+    assert class_findings_of(fresh) == {"img_0": marks}
 
 
 def test_class_labels_need_the_classification_task(tmp_path):

@@ -46,6 +46,7 @@ from LabelLoopLib.workflow import (
     TrainingProgress,
     default_cache_dir,
     describe_error,
+    finding_from_ras,
     parse_history,
     serialize_history,
     training_from_stats,
@@ -521,10 +522,13 @@ class LabelLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         className = self.ui.classComboBox.currentText
         session = self.logic.session
         imageId = self.logic.sample.image_id
+        points = self.ui.findingsSelector.currentNode()
+        findings = self.logic.findingsFromPoints(points, self.ui.findingRadiusSpinBox.value)
+        marked = f" with {len(findings)} finding(s)" if findings else ""
         self.startJob(
             "submit-class",
-            lambda ctx: session.submit_class(className, imageId),
-            lambda r: self.setStatus(f"Stored class '{className}' for {imageId}."),
+            lambda ctx: session.submit_class(className, imageId, findings=findings),
+            lambda r: self.setStatus(f"Stored class '{className}' for {imageId}{marked}."),
             "Submitting the class",
         )
 
@@ -673,6 +677,18 @@ class LabelLoopLogic(ScriptedLoadableModuleLogic):
         self.segmentationNode = None
         self.curveTableNode = None
         self.curveChartNode = None
+
+    @staticmethod
+    def findingsFromPoints(pointListNode, radiusMm: float) -> Optional[List[Dict[str, Any]]]:
+        """The point list's control points (world RAS) as class label findings; ``None`` without a point list."""
+        if pointListNode is None:
+            return None
+        findings = []
+        for i in range(pointListNode.GetNumberOfControlPoints()):
+            ras = [0.0, 0.0, 0.0]
+            pointListNode.GetNthControlPointPositionWorld(i, ras)
+            findings.append(finding_from_ras(ras, radiusMm))
+        return findings
 
     # ------------------------------------------------------------------------------------------------ settings
 

@@ -1240,7 +1240,8 @@ Made with:
 - `classification/`: {counts["n_cls"]} studies for liver lesion classification ({", ".join(CLASSES)});
   `classification_truth.json` has the class, lesion radius (mm), contrast (HU) and centre of each;
   `classification_labeled.json` the {counts["n_cls_labeled"]} cases whose class is known at the start, also
-  stored as the server's class labels: `classification/labels/class/<id>.json` holding `{{"class": "<name>"}}`.
+  stored as the server's class labels: `classification/labels/class/<id>.json` holding `{{"class": "<name>"}}`
+  and the lesion as a finding, `"findings": [{{"centre_lps": [x, y, z], "radius_mm": r}}]` (`[]` when normal).
 - `classification_heldout/`: {counts["n_cls_heldout"]} held-out images + `truth.json`.
 
 Physical coordinates are LPS (SimpleITK/DICOM): the liver lies at negative x (patient right) whatever the
@@ -1253,14 +1254,27 @@ CLASS_LABEL_DIR = Path("classification", "labels", "class")
 image, ``{"class": "<name>"}``; the convention is described in ``labelloop_app.class_labels``)."""
 
 
+def class_label_document(name: str, truth: dict[str, Any] | None) -> dict[str, Any]:
+    """A class label as an annotator who marks what they label would write it: the class and, from the case's
+    truth, its lesion as a finding (``[]`` for a case without one); no findings key when the truth is unknown."""
+    doc: dict[str, Any] = {"class": name}
+    if truth is not None:
+        centre = truth.get("centre")
+        doc["findings"] = [] if centre is None else [{"centre_lps": centre, "radius_mm": truth["lesion_radius_mm"]}]
+    return doc
+
+
 def _write_class_labels(out: Path, labeled: dict[str, str]) -> list[str]:
-    """Class labels of the labeled classification cases, as the server reads them; an existing file is kept (it
-    may hold an annotator's correction). Returns their paths relative to ``out``."""
+    """Class labels of the labeled classification cases, as the server reads them, with findings from
+    ``classification_truth.json``; an existing file is kept (it may hold an annotator's correction). Returns their
+    paths relative to ``out``."""
+    truth_file = out / "classification_truth.json"
+    truth = json.loads(truth_file.read_text()) if truth_file.is_file() else {}
     files = []
     for image_id, name in labeled.items():
         path = out / CLASS_LABEL_DIR / f"{image_id}.json"
         if not path.is_file():
-            _atomic_json(path, {"class": name})
+            _atomic_json(path, class_label_document(name, truth.get(image_id)))
         files.append(str(path.relative_to(out)))
     return files
 

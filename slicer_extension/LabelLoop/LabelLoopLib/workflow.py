@@ -694,6 +694,13 @@ class SubmitResult:
     next_sample: Optional[Sample] = None
 
 
+def finding_from_ras(point_ras: Sequence[float], radius_mm: float) -> Dict[str, Any]:
+    """A class label finding (the server's ``{"centre_lps": [x, y, z], "radius_mm": r}``) from a point in Slicer's
+    RAS millimetres: LPS negates x and y."""
+    x, y, z = (float(v) for v in point_ras)
+    return {"centre_lps": [-x, -y, z], "radius_mm": float(radius_mm)}
+
+
 def safe_file_stem(text: str) -> str:
     """A file-name-safe version of an id (ids normally are already)."""
     stem = re.sub(r"[^A-Za-z0-9_.\-]+", "_", text).strip("._")
@@ -963,20 +970,28 @@ class AnnotationSession:
         return parse_classification(result, m.classes)
 
     def submit_class(
-        self, class_name: str, image_id: Optional[str] = None, model: Optional[str] = None
+        self,
+        class_name: str,
+        image_id: Optional[str] = None,
+        model: Optional[str] = None,
+        findings: Optional[Sequence[Mapping[str, Any]]] = None,
     ) -> Dict[str, Any]:
         """Store an image-level class as the image's ``class`` label (the server's convention, see the README's
         "Classification"): a small JSON file ``{"class": name}`` uploaded with ``label_info = {"class": name}``.
-        The tag ``class`` keeps it apart from the ``final`` segmentation label, which the image may also have."""
+        The tag ``class`` keeps it apart from the ``final`` segmentation label, which the image may also have.
+        ``findings`` (see :func:`finding_from_ras`) say where the class shows; ``None`` sends none."""
         image_id = self._image_id(image_id)
         server = self._server()
         m = server.models.get(model) if model else server.classification_model
         if m is not None and m.classes and class_name not in m.classes:
             raise LabelLoopError(f"unknown class {class_name!r}; classes: {', '.join(m.classes)}")
+        doc: Dict[str, Any] = {"class": class_name}
+        if findings is not None:
+            doc["findings"] = [dict(f) for f in findings]
         path = os.path.join(self._dir("labels"), f"{safe_file_stem(image_id)}.json")
         with open(path, "w", encoding="utf-8") as f:
-            json.dump({"class": class_name}, f)
-        return self.client.save_label(image_id, path, tag="class", label_info={"class": class_name})
+            json.dump(doc, f)
+        return self.client.save_label(image_id, path, tag="class", label_info=doc)
 
     # ------------------------------------------------------------------------------------------- training
 
