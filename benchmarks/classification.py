@@ -59,6 +59,14 @@ def prepare_studies(sample: Path, root: Path, extra: int = 0) -> Path:
     return studies
 
 
+def pair_auc(positives: list, negatives: list):
+    """P(a positive scores above a negative), ties counted half; None when either side is empty."""
+    if not positives or not negatives:
+        return None
+    pos, neg = np.asarray(positives)[:, None], np.asarray(negatives)[None, :]
+    return float(((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (pos.size * neg.size))
+
+
 def auc_postfix(entry: dict) -> dict:
     return {"loss": f"{entry['loss']:.3f}", "val_auc": entry.get("val_auc")}
 
@@ -81,6 +89,7 @@ def evaluate(server, sample: Path) -> list:
                 "p_lesion": round(result["probabilities"]["lesion"], 4),
                 "lesion_radius_mm": case["lesion_radius_mm"],
                 "contrast_hu": case["contrast_hu"],
+                "near_limit": case.get("near_limit"),
                 "seconds": round(time.time() - t0, 2),
             }
         )
@@ -140,6 +149,14 @@ def main(argv=None) -> int:
         cases = [r for r in rows if r["true"] == "lesion" and lo <= r["lesion_radius_mm"] < hi]
         found = sum(r["predicted"] == "lesion" for r in cases)
         by_size.append({"radius_mm": [lo, hi], "lesions": len(cases), "detected": found})
+    by_kind = []
+    for kind, near in (("typical (8-20 mm, 25-60 HU)", False), ("near the limit (3-8 mm, 10-25 HU)", True)):
+        cases = [r for r in rows if r["true"] == "lesion" and r["near_limit"] is near]
+        positives = [r["p_lesion"] for r in cases]
+        negatives = [r["p_lesion"] for r in rows if r["true"] != "lesion"]
+        kind_auc = pair_auc(positives, negatives)
+        found = sum(r["predicted"] == "lesion" for r in cases)
+        by_kind.append({"lesions": kind, "cases": len(cases), "detected": found, "auc_vs_normal": kind_auc})
     best = max(stats["history"], key=lambda h: h.get("val_auc") or 0.0)
     result = {
         "command": command("classification.py", argv),
@@ -159,6 +176,7 @@ def main(argv=None) -> int:
         "heldout_sensitivity": report["sensitivity"],
         "heldout_specificity": report["specificity"],
         "lesion_sensitivity_by_radius": by_size,
+        "lesion_kinds": by_kind,
         "misclassified": wrong,
         "cases": rows,
     }
@@ -179,6 +197,14 @@ def main(argv=None) -> int:
         "| lesion radius (mm) | lesions | detected |",
         "|---|---|---|",
         *[f"| {b['radius_mm'][0]:g}-{b['radius_mm'][1]:g} | {b['lesions']} | {b['detected']} |" for b in by_size],
+        "",
+        "| lesions | cases | detected | ROC AUC against the normal cases |",
+        "|---|---|---|---|",
+        *[
+            f"| {k['lesions']} | {k['cases']} | {k['detected']} | "
+            f"{'-' if k['auc_vs_normal'] is None else format(k['auc_vs_normal'], '.3f')} |"
+            for k in by_kind
+        ],
         "",
         "Misclassified:" if wrong else "No case misclassified.",
         "",

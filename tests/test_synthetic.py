@@ -205,12 +205,15 @@ def test_lesion_phantom_has_lesion_of_requested_size():
 
 
 def test_default_lesion_parameters_cover_hard_and_easy_cases():
-    infos = [make_lesion_phantom(s, lesion=True, small=True)[1] for s in range(12)]
-    radii = [i["lesion_radius_mm"] for i in infos]
-    contrasts = [abs(i["contrast_hu"]) for i in infos]
-    assert all(3.0 <= r <= 20.0 for r in radii) and all(10.0 <= c <= 60.0 for c in contrasts)
-    assert min(radii) < 6.0 and max(radii) > 10.0
+    infos = [make_lesion_phantom(s, lesion=True, small=True)[1] for s in range(40)]
+    near = [i for i in infos if i["near_limit"]]
+    plain = [i for i in infos if not i["near_limit"]]
+    assert all(3.0 <= i["lesion_radius_mm"] <= 8.0 and 10.0 <= abs(i["contrast_hu"]) <= 25.0 for i in near)
+    assert all(8.0 <= i["lesion_radius_mm"] <= 20.0 and 25.0 <= abs(i["contrast_hu"]) <= 60.0 for i in plain)
+    assert 2 <= len(near) <= 16  # NEAR_LIMIT_FRACTION of 40: a minority, but present
+    assert min(i["lesion_radius_mm"] for i in plain) < 10.0 and max(i["lesion_radius_mm"] for i in plain) > 15.0
     assert {np.sign(i["contrast_hu"]) for i in infos} == {-1.0, 1.0}
+    assert make_lesion_phantom(0, lesion=False, small=True)[1]["near_limit"] is None
     grid = make_lesion_phantom(0, lesion=False)[1]
     assert 96 <= grid["size"][0] <= 128 and 2.0 <= grid["spacing"][0] <= 3.0 and 30 <= min(grid["size"]) <= 50
 

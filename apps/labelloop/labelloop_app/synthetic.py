@@ -71,8 +71,12 @@ FOV_MODES: tuple[str, ...] = ("full", "cut_top", "cut_bottom", "cut_side")
 """Field-of-view variants: all organs inside, liver dome cut, kidneys cut, liver or spleen cut laterally."""
 
 HU_MIN, HU_MAX = -1024, 3071
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 """Bump when the rendering changes so that existing sample data is regenerated."""
+
+NEAR_LIMIT_FRACTION = 0.2
+"""Share of lesions drawn near the detection limit (radius 3-8 mm and 10-25 HU: at most two voxels across and at
+most twice the noise at the classifier's 3.5 mm); the others are plain to a reader (8-20 mm, 25-60 HU)."""
 
 _LETTER_AXES = {"L": (1, 0, 0), "R": (-1, 0, 0), "P": (0, 1, 0), "A": (0, -1, 0), "S": (0, 0, 1), "I": (0, 0, -1)}
 _SEG_FOV_CYCLE = ("full", "full", "cut_top", "full", "cut_side", "full", "cut_bottom")
@@ -1055,8 +1059,9 @@ def make_lesion_phantom(
 ) -> tuple[sitk.Image, dict[str, Any]]:
     """Torso phantom for image-level classification (liver lesion or not).
 
-    The "lesion" class has one ellipsoidal hypo- or hyperdense liver lesion (equivalent radius 3-20 mm, contrast
-    10-60 HU unless given); "normal" has none but keeps the benign look-alikes (vessels, gallbladder).  The same
+    The "lesion" class has one ellipsoidal hypo- or hyperdense liver lesion unless radius and contrast are given:
+    typical (equivalent radius 8-20 mm, 25-60 HU) or, in ``NEAR_LIMIT_FRACTION`` of the cases, near the detection
+    limit (3-8 mm and 10-25 HU); "normal" has none but keeps the benign look-alikes (vessels, gallbladder).  The same
     seed gives the same torso, acquisition and noise with and without the lesion.  ``info`` holds ``class``,
     ``lesion_radius_mm``, ``contrast_hu`` (signed, HU added inside the lesion), ``centre`` (physical LPS mm or None)
     and ``lesion_voxels`` (voxel centres inside the lesion).
@@ -1069,8 +1074,10 @@ def make_lesion_phantom(
         anat, seed, profile="cls", mode="full", small=small, size=size, spacing=spacing, direction=direction
     )
     rng = _rng(seed, 4)
-    radius = float(math.exp(rng.uniform(math.log(3.0), math.log(20.0))))
-    contrast = float(rng.uniform(10.0, 60.0)) * (-1.0 if rng.random() < 0.7 else 1.0)
+    near_limit = bool(rng.random() < NEAR_LIMIT_FRACTION)
+    (r_lo, r_hi), (c_lo, c_hi) = ((3.0, 8.0), (10.0, 25.0)) if near_limit else ((8.0, 20.0), (25.0, 60.0))
+    radius = float(math.exp(rng.uniform(math.log(r_lo), math.log(r_hi))))
+    contrast = float(rng.uniform(c_lo, c_hi)) * (-1.0 if rng.random() < 0.7 else 1.0)
     axes = np.exp(rng.normal(0.0, 0.12, size=3))
     axes /= np.prod(axes) ** (1.0 / 3.0)
     rot = _rotation(z=rng.uniform(-90, 90), y=rng.uniform(-90, 90), x=rng.uniform(-90, 90))
@@ -1089,6 +1096,7 @@ def make_lesion_phantom(
         "contrast_hu": round(contrast, 2) if lesion else 0.0,
         "centre": [round(float(x), 3) for x in centre] if centre is not None else None,
         "lesion_voxels": n_lesion,
+        "near_limit": near_limit if lesion and lesion_radius_mm is None and lesion_contrast_hu is None else None,
         "seed": int(seed),
         "orientation": code,
         "oblique_deg": angle,
@@ -1238,7 +1246,7 @@ Made with:
 - `segmentation_heldout/`: {counts["n_seg_heldout"]} held-out cases (images/, labels/, cases.json) for benchmarks.
 - `labels.json`: organ label values ({", ".join(f"{k}={v}" for k, v in SEG_LABELS.items())}).
 - `classification/`: {counts["n_cls"]} studies for liver lesion classification ({", ".join(CLASSES)});
-  `classification_truth.json` has the class, lesion radius (mm), contrast (HU) and centre of each;
+  `classification_truth.json` has the class, lesion radius (mm), contrast (HU), centre and near-limit flag of each;
   `classification_labeled.json` the {counts["n_cls_labeled"]} cases whose class is known at the start, also
   stored as the server's class labels: `classification/labels/class/<id>.json` holding `{{"class": "<name>"}}`
   and the lesion as a finding, `"findings": [{{"centre_lps": [x, y, z], "radius_mm": r}}]` (`[]` when normal).
@@ -1406,7 +1414,7 @@ def generate_sample_data(
         return {c["id"]: {k: v for k, v in metas[(group, c["id"])].items() if k != "id"} for c in plan}
 
     def truth(meta: dict[str, Any]) -> dict[str, Any]:
-        keys = ("class", "lesion_radius_mm", "contrast_hu", "centre", "lesion_voxels")
+        keys = ("class", "lesion_radius_mm", "contrast_hu", "centre", "lesion_voxels", "near_limit")
         return {k: meta[k] for k in keys}
 
     cls_meta, cls_ho_meta = group_meta("cls", cls), group_meta("cls_heldout", cls_ho)
