@@ -353,3 +353,37 @@ def test_slicer_session_classifies_and_submits_a_class(cls_trained, tmp_path):
         session.submit_class("tumour", UNLABELED)
     assert snapshot(server.studies) == before
     assert server.delete(f"/datastore/label?id={UNLABELED}&tag=class").status_code == 200
+
+
+def test_detector_trains_from_findings_and_maps_the_class_on_the_input_grid(cls_sample, tmp_path):
+    """``cls_network detector``: trains from the generator's findings (a lesion image without findings is left
+    out and counted), reports the classification metrics, and explains with its class map on the input grid."""
+    studies = shutil.copytree(cls_sample / "classification", tmp_path / "studies")
+    labeled = json.loads((cls_sample / "classification_labeled.json").read_text())
+    lesion_ids = sorted(i for i, c in labeled.items() if c == "lesion")
+    (studies / "labels" / "class" / f"{lesion_ids[0]}.json").write_text(json.dumps({"class": "lesion"}))
+    conf = {**CLS_CONF, "tasks": "classification", "cls_network": "detector"}
+    server = start_server(studies, tmp_path / "models", tmp_path / "server.log", conf)
+    try:
+        r = server.post("/train/classification", json={"max_epochs": 2, "patch": 24})
+        assert r.status_code == 200, r.text
+        task = server.wait_task("train", timeout=600)
+        assert task["status"] == "DONE", f"{task}\n{server.log_tail()}"
+        stats = server.info()["train_stats"]["classification"]
+        assert stats["network"] == "detector" and stats["skipped_without_findings"] == 1
+        assert stats["train_images"] + stats["val_images"] == len(labeled) - 1
+        last = stats["history"][-1]
+        for key in ("val_accuracy", "val_balanced_accuracy", "val_sensitivity", "val_confusion_matrix", "val_auc"):
+            assert key in last, key
+        assert sum(map(sum, last["val_confusion_matrix"])) == stats["val_images"]
+
+        client = LabelLoopClient(server.url)
+        out, result = client.infer("classification", image_id=UNLABELED, params={"explain": True}, out_path=tmp_path)
+        assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-9)
+        assert result["class"] == max(result["probabilities"], key=result["probabilities"].get)
+        assert result["explanation"] == {"method": "class_map", "class": result["class"]}
+        assert_same_geometry(Path(out), studies / f"{UNLABELED}.nii.gz")
+        values = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+        assert np.isfinite(values).all() and values.min() >= 0.0 and values.max() <= 1.0 + 1e-6
+    finally:
+        stop_server(server)

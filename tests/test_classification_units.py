@@ -13,6 +13,7 @@ import SimpleITK as sitk
 import torch
 from ignite.engine import Engine
 from monailabel.config import settings
+from scipy import ndimage
 
 from conftest import snapshot
 from labelloop_app.class_labels import (
@@ -32,6 +33,7 @@ from labelloop_app.class_labels import (
 from labelloop_app.classification_metrics import ClassificationMetrics, classification_report, selection_score
 from labelloop_app.conf import TASKS, ClassificationConf, ConfError, parse_tasks
 from labelloop_app.datastore import LabelLoopDatastore
+from labelloop_app.detector import FindingsToMaskd, PatchClassd, image_probabilities
 from labelloop_app.errors import BadRequest, UnprocessableInput
 from labelloop_app.explain import explain_method, gradcam_map, occlusion_map, restore_map
 from labelloop_app.geometry import Geometry, geometry_from_ras_affine
@@ -382,3 +384,54 @@ def test_occlusion_map_is_the_probability_drop_where_the_evidence_is():
     assert drop.shape == (32, 32, 16) and drop.dtype == np.float32
     assert drop[:8, :8, :8].mean() > 1e-3  # hiding the corner lowers p(class 1): a softmax probability, ...
     assert np.abs(drop[16:, 16:, 8:]).max() < 1e-5  # ... and hiding anything else changes nothing
+
+
+# --- the detector ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("orientation,oblique", [("LPS", 0.0), ("LAS", 12.0)])
+def test_findings_are_painted_on_the_lesion_of_the_preprocessed_image(tmp_path, orientation, oblique):
+    image, info = make_lesion_phantom(
+        5,
+        lesion=True,
+        small=True,
+        orientation=orientation,
+        oblique_deg=oblique,
+        lesion_radius_mm=15.0,
+        lesion_contrast_hu=-80.0,
+    )
+    path = tmp_path / "in.nii.gz"
+    sitk.WriteImage(image, str(path))
+    data = _preprocess(path)
+    finding = {"centre_lps": info["centre"], "radius_mm": 15.0}
+    data = FindingsToMaskd()({**data, "findings": [finding], "class_index": 1})
+    mask = data["label"][0].numpy()
+    assert set(np.unique(mask)) == {0, 1} and data["label"].shape == data["image"].shape
+    assert 30 < mask.sum() < 130  # a 15 mm ball on 6 mm voxels: 4/3 pi 2.5^3 = 65 voxels
+    x = data["image"][0].numpy()
+    shell = ndimage.binary_dilation(mask > 0, iterations=2) & (mask == 0)
+    assert x[mask > 0].mean() < x[shell].mean() - 0.08  # the ball sits on the dark lesion (80 HU = 0.19 units)
+    normal = FindingsToMaskd()({**data, "findings": [finding], "class_index": 0})
+    assert normal["label"].sum() == 0  # the first class marks nothing
+
+
+def test_image_probabilities_come_from_the_most_probable_voxels():
+    logits = torch.zeros(2, 8, 8, 8)
+    assert image_probabilities(logits).tolist() == pytest.approx([0.5, 0.5])
+    logits[1, 2:4, 2:4, 2:4] = 6.0  # 8 voxels sure of class 1
+    p = image_probabilities(logits)
+    assert float(p.sum()) == pytest.approx(1.0) and float(p[1]) > 0.99
+    three = torch.zeros(3, 4, 4, 4)
+    three[2, 0, 0, :] = 5.0
+    p = image_probabilities(three, top_k=4)
+    assert int(p.argmax()) == 2 and float(p.sum()) == pytest.approx(1.0)
+    label = torch.zeros(1, 4, 4, 4)
+    assert PatchClassd(keys="label")({"label": label})["label"].tolist() == [0]
+    label[0, 1, 1, 1] = 2
+    assert PatchClassd(keys="label")({"label": label})["label"].tolist() == [2]
+
+
+def test_detector_network_maps_every_class():
+    net = classification_network("detector", 3).eval()
+    with torch.no_grad():
+        assert net(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 3, 32, 32, 32)

@@ -25,11 +25,12 @@ from labelloop_app.class_labels import ClassLabelCheck, build_classes_router
 from labelloop_app.conf import ClassificationConf, SegmentationConf, parse_tasks
 from labelloop_app.datastore import LabelLoopDatastore, SegmentationLabelCheck, check_name
 from labelloop_app.errors import NotFound
-from labelloop_app.infer_classification import ClassificationInfer
+from labelloop_app.infer_classification import ClassificationInfer, DetectorInfer
 from labelloop_app.infer_segmentation import SegmentationInfer
 from labelloop_app.networks import classification_network, segmentation_network
 from labelloop_app.torch_threads import use_inference_threads
 from labelloop_app.train_classification import ClassificationTrain
+from labelloop_app.train_detector import DetectorTrain
 from labelloop_app.train_segmentation import SegmentationTrain
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,8 @@ class LabelLoopApp(MONAILabelApp):
         if "segmentation" in self.tasks:
             infers["segmentation"] = SegmentationInfer(self.seg_conf, self.seg_model_path, self.seg_network)
         if "classification" in self.tasks:
-            infers["classification"] = ClassificationInfer(self.cls_conf, self.cls_model_path, self.cls_network)
+            infer = DetectorInfer if self.cls_conf.network == "detector" else ClassificationInfer
+            infers["classification"] = infer(self.cls_conf, self.cls_model_path, self.cls_network)
         return infers
 
     def init_trainers(self) -> Dict[str, TrainTask]:
@@ -127,7 +129,8 @@ class LabelLoopApp(MONAILabelApp):
                 publish_path=self.seg_model_path,
             )
         if "classification" in self.tasks:
-            trainers["classification"] = ClassificationTrain(
+            train = DetectorTrain if self.cls_conf.network == "detector" else ClassificationTrain
+            trainers["classification"] = train(
                 self.cls_conf,
                 model_dir=os.path.join(self.model_dir, "classification"),
                 network=self.cls_network,

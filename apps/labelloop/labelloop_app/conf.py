@@ -15,7 +15,7 @@ from labelloop_app.labels import DEFAULT_CLASSES, DEFAULT_SEG_LABELS
 
 TASKS = ("segmentation", "classification")
 NETWORKS = ("unet", "dynunet", "segresnet", "attentionunet")
-CLS_NETWORKS = ("densenet121", "resnet10", "resnet18")
+CLS_NETWORKS = ("densenet121", "resnet10", "resnet18", "detector")
 MODALITIES = ("CT", "MR")
 
 
@@ -196,7 +196,8 @@ class ClassificationConf:
         network = {"densenet": "densenet121", "resnet": "resnet10"}.get(network, network)
         if network not in CLS_NETWORKS:
             raise ConfError(
-                f"--conf cls_network {conf.get('cls_network')!r} is not one of densenet121, resnet (resnet10), resnet18"
+                f"--conf cls_network {conf.get('cls_network')!r} is not one of densenet121, resnet (resnet10), "
+                "resnet18, detector"
             )
         try:
             classes = tuple(parse_names(conf.get("classes"), DEFAULT_CLASSES))

@@ -75,7 +75,8 @@ def classification_network(
     ``densenet121`` (default): MONAI's DenseNet121 (blocks 6-12-24-16) with ``features = (init_features,
     growth_rate)``; (32, 16) instead of the ImageNet (64, 32) is about 4x cheaper and plenty for a few hundred
     volumes. ``resnet10`` / ``resnet18``: MONAI's ResNet with a stride-2 stem (MONAI's default stride 1 costs 4x
-    more on a whole-torso volume).
+    more on a whole-torso volume). ``detector``: MONAI's residual UNet mapping every class over the volume
+    (logits of shape (classes, *spatial)), trained from findings; see :mod:`labelloop_app.detector`.
     """
     if name == "densenet121":
         return DenseNet121(
@@ -88,4 +89,13 @@ def classification_network(
     if name in ("resnet10", "resnet18"):
         make = resnet10 if name == "resnet10" else resnet18
         return make(spatial_dims=3, n_input_channels=in_channels, num_classes=num_classes, conv1_t_stride=2)
+    if name == "detector":  # voxel logits per class, see labelloop_app.detector
+        return UNet(
+            spatial_dims=3,
+            in_channels=in_channels,
+            out_channels=num_classes,
+            channels=(16, 32, 64, 128),
+            strides=(2, 2, 2),
+            num_res_units=1,
+        )
     raise ValueError(f"unknown classification network {name!r}")

@@ -72,6 +72,7 @@ class ClassificationTrain(LabelLoopTrainTask):
 
     default_lr = 1e-3
     weight_decay = 1e-4
+    draws_per_image = 1  # samples per labeled image and epoch with class balance
 
     def __init__(self, conf: ClassificationConf, model_dir: str, network: torch.nn.Module, publish_path: str):
         self.conf = conf
@@ -114,7 +115,8 @@ class ClassificationTrain(LabelLoopTrainTask):
         if not parse_bool(context.request.get("balance"), default=True):
             return self._dataloader(context, dataset, context.train_batch_size, num_workers, shuffle)
         weights = class_weights([d["label"] for d in datalist], len(self.conf.classes))
-        sampler = WeightedRandomSampler(torch.as_tensor(weights), num_samples=len(weights), replacement=True)
+        draws = len(weights) * self.draws_per_image
+        sampler = WeightedRandomSampler(torch.as_tensor(weights), num_samples=draws, replacement=True)
         loader = ThreadDataLoader if context.dataloader_type == "ThreadDataLoader" else DataLoader
         return loader(dataset, batch_size=context.train_batch_size, sampler=sampler, num_workers=num_workers)
 

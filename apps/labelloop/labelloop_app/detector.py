@@ -1,0 +1,139 @@
+"""The ``detector`` classifier: a segmentation network that maps where each class shows, trained from findings.
+
+Image-level labels alone did not teach a 3D CNN to find a lesion of a few voxels within a CPU budget
+(``benchmarks/results/classification.md``); a mark where the lesion is did. The detector is MONAI's residual UNet
+with one output channel per class. Training paints each finding (centre and radius from the class label, see
+:mod:`labelloop_app.class_labels`) as a ball of its class on the preprocessed grid and learns from patches, most
+of them at findings; an image without findings of a non-first class teaches nothing where, so it is left out.
+An image's probability of class ``k >= 1`` is the mean of its ``TOP_K`` most probable voxels for ``k``; the first
+class (``normal``) gets what the strongest other class leaves. The class map itself is the explanation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, ScaleIntensityRanged
+
+TOP_K = 8
+"""Voxels whose mean probability is an image's probability of a class: a few, so one noisy voxel does not decide."""
+
+SOFT_TISSUE = (0.55, 0.65)
+"""Where the [0, 1] CT window (-175 to 250 HU) puts 59 and 101 HU: rescaled to 0 and 1, a 42.5 HU lesion is one
+unit. In [0, 1] a lesion is a tenth of the range, and the networks learned it far more slowly (see the results)."""
+
+FINDINGS = "findings"
+CLASS_INDEX = "class_index"
+
+
+def detector_input_transforms(conf) -> list:
+    """After the whole-volume pipeline, CT in soft-tissue units (lesion contrast matters, not bone or air)."""
+    if conf.modality != "CT":
+        return []
+    lo, hi = SOFT_TISSUE
+    return [ScaleIntensityRanged(keys="image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=False)]
+
+
+def image_probabilities(logits: torch.Tensor, top_k: int = TOP_K) -> torch.Tensor:
+    """Class probabilities (C,) of one image from its voxel logits (C, *spatial); they sum to 1."""
+    voxel = torch.softmax(logits.float(), dim=0).flatten(1)
+    k = min(int(top_k), voxel.shape[1])
+    evidence = voxel[1:].topk(k, dim=1).values.mean(dim=1)
+    normal = (1.0 - evidence.max()).clamp(min=0.0).reshape(1)
+    p = torch.cat([normal, evidence]).clamp(min=1e-6)
+    return p / p.sum()
+
+
+class ImageProbabilitiesd(MapTransform):
+    """Replace voxel logits (C, *spatial) under ``keys`` by the image's class probabilities (C,); keep the
+    voxel probabilities under ``<key>_map`` when ``keep_map``."""
+
+    def __init__(self, keys: KeysCollection, keep_map: bool = False, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.keep_map = keep_map
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            logits = torch.as_tensor(d[key])
+            if self.keep_map:
+                d[f"{key}_map"] = torch.softmax(logits.float(), dim=0)
+            d[key] = image_probabilities(logits)
+        return d
+
+
+class PatchClassd(MapTransform):
+    """Replace a label map (1, *spatial) by its class index: the largest class value in it (0: none)."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = torch.as_tensor(d[key]).max().long().reshape(1)
+        return d
+
+
+class FindingsToMaskd(MapTransform):
+    """Paint an image's findings as balls of its class index on the image's current (preprocessed) grid.
+
+    Reads ``findings`` (centres in LPS mm, radii in mm) and ``class_index``; writes ``label`` (1, *spatial) uint8
+    on the grid of ``image`` (a MetaTensor whose affine maps voxels to RAS mm). A ball is at least one voxel, so
+    a finding smaller than a voxel still marks its voxel.
+    """
+
+    def __init__(self, image_key: str = "image", label_key: str = "label"):
+        super().__init__([image_key])
+        self.image_key, self.label_key = image_key, label_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Dict[Hashable, Any]:
+        d = dict(data)
+        image = d[self.image_key]
+        shape = tuple(image.shape[1:])
+        affine = np.asarray(torch.as_tensor(image.affine).double().cpu())
+        mask = np.zeros(shape, dtype=np.uint8)
+        value = int(d.get(CLASS_INDEX, 0))
+        if value > 0:
+            spacing = np.linalg.norm(affine[:3, :3], axis=0)
+            inverse = np.linalg.inv(affine)
+            axes = [np.arange(n, dtype=np.float64) for n in shape]
+            for finding in d.get(FINDINGS) or []:
+                x, y, z = (float(v) for v in finding["centre_lps"])
+                centre = (inverse @ np.array([-x, -y, z, 1.0]))[:3]  # LPS -> RAS -> voxel index
+                radius = np.maximum(float(finding["radius_mm"]) / spacing, 0.5)
+                lo = np.maximum(np.floor(centre - radius), 0).astype(int)
+                hi = np.minimum(np.ceil(centre + radius) + 1, shape).astype(int)
+                if np.any(hi <= lo):
+                    continue  # outside the cropped field of view
+                terms = [((a[b:e] - c) / r) ** 2 for a, b, e, c, r in zip(axes, lo, hi, centre, radius)]
+                inside = sum(np.meshgrid(*terms, indexing="ij")) <= 1.0
+                if not inside.any():  # a ball between voxel centres: mark the nearest voxel
+                    nearest = tuple(int(np.clip(round(c), 0, n - 1)) for c, n in zip(centre, shape))
+                    mask[nearest] = value
+                    continue
+                region = mask[tuple(slice(a, b) for a, b in zip(lo, hi))]
+                region[inside] = value
+        d[self.label_key] = torch.from_numpy(mask[None])
+        return d
+
+
+def findings_datalist_item(item: Dict[str, Any], findings: Sequence[Mapping[str, Any]] | None) -> Dict[str, Any]:
+    """A trainer datalist item with what :class:`FindingsToMaskd` reads."""
+    return {**item, CLASS_INDEX: int(item["label"]), FINDINGS: [dict(f) for f in findings or []]}
+
+
+class FindingLoss(torch.nn.Module):
+    """Dice over the finding classes (batch-wise, so a patch without findings adds no noise) plus cross-entropy
+    with the finding classes weighted up (``finding_weight``), as findings fill a few voxels of a patch."""
+
+    def __init__(self, num_classes: int, finding_weight: float = 20.0):
+        super().__init__()
+        from monai.losses import DiceLoss
+
+        self.dice = DiceLoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
+        self.register_buffer("weight", torch.tensor([1.0] + [float(finding_weight)] * (num_classes - 1)))
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        ce = torch.nn.functional.cross_entropy(logits, target[:, 0].long(), weight=self.weight.to(logits.device))
+        return self.dice(logits, target) + ce

@@ -1,0 +1,96 @@
+"""The ``classification`` train task for the ``detector`` network: learns class maps from findings on patches
+(see :mod:`labelloop_app.detector`), validates image-level on whole volumes with the same metrics as the other
+classifiers."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict
+
+from monai.inferers import SimpleInferer
+from monai.transforms import (
+    RandCropByPosNegLabeld,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    SelectItemsd,
+)
+from monailabel.interfaces.datastore import Datastore
+from monailabel.tasks.train.basic_train import Context
+
+from labelloop_app.class_labels import class_findings_of
+from labelloop_app.detector import (
+    FindingLoss,
+    FindingsToMaskd,
+    ImageProbabilitiesd,
+    PatchClassd,
+    detector_input_transforms,
+    findings_datalist_item,
+)
+from labelloop_app.train_classification import KEYS, ClassificationTrain
+
+logger = logging.getLogger(__name__)
+
+
+class DetectorTrain(ClassificationTrain):
+    """Patch training of the class-map network from findings; whole-volume, image-level validation.
+
+    Request parameters beyond :class:`ClassificationTrain`'s: ``patch`` (voxels per side, default 48),
+    ``finding_weight`` (cross-entropy weight of finding voxels, default 20).
+    """
+
+    default_lr = 2e-3
+    draws_per_image = 4  # patches are small: more of them per epoch between whole-volume validations
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._config.update({"patch": 48, "finding_weight": 20.0})
+        self._skipped = 0
+
+    def loss_function(self, context: Context):
+        weight = float(context.request.get("finding_weight", 20.0))
+        return FindingLoss(len(self.conf.classes), weight)
+
+    def pre_process(self, request, datastore: Datastore):
+        """Images of the first class, and images of other classes whose label has findings."""
+        findings = class_findings_of(datastore)
+        datalist, self._skipped = [], 0
+        for item in super().pre_process(request, datastore):
+            marks = findings.get(item["image_id"])
+            if item["label"] > 0 and not marks:
+                self._skipped += 1
+                continue
+            datalist.append(findings_datalist_item(item, marks))
+        if self._skipped:
+            logger.warning("Skipping %d image(s) of a finding class without findings", self._skipped)
+        if not any(d["label"] > 0 for d in datalist):
+            raise ValueError("the detector needs findings: no image of a finding class has any in its class label")
+        return datalist
+
+    def _deterministic(self):
+        return [*super()._deterministic(), *detector_input_transforms(self.conf)]
+
+    def train_pre_transforms(self, context: Context):
+        patch = int(context.request.get("patch", 48))
+        return [
+            *self._deterministic(),
+            FindingsToMaskd(),
+            RandCropByPosNegLabeld(
+                keys=KEYS, label_key="label", spatial_size=[patch] * 3, pos=3, neg=2, num_samples=1, allow_smaller=True
+            ),
+            RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+            RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+            SelectItemsd(keys=KEYS),
+        ]
+
+    def train_post_transforms(self, context: Context):
+        """Training metrics per patch: its class is the largest class painted in it."""
+        return [ImageProbabilitiesd(keys="pred"), PatchClassd(keys="label")]
+
+    def val_post_transforms(self, context: Context):
+        return [ImageProbabilitiesd(keys="pred")]
+
+    def train_inferer(self, context: Context):
+        return SimpleInferer()
+
+    def stats_extra(self, context: Context) -> Dict[str, Any]:
+        return {**super().stats_extra(context), "skipped_without_findings": self._skipped}
