@@ -12,6 +12,7 @@ from monai.transforms import (
     RandCropByPosNegLabeld,
     RandScaleIntensityd,
     RandShiftIntensityd,
+    RandSpatialCropd,
     SelectItemsd,
 )
 from monailabel.interfaces.datastore import Datastore
@@ -39,7 +40,7 @@ class DetectorTrain(ClassificationTrain):
     """
 
     default_lr = 2e-3
-    draws_per_image = 4  # patches are small: more of them per epoch between whole-volume validations
+    draws_per_image = 12  # patches are small: many per epoch, so whole-volume validation takes a small share
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -74,9 +75,18 @@ class DetectorTrain(ClassificationTrain):
         return [
             *self._deterministic(),
             FindingsToMaskd(),
+            # a wider crop around a finding voxel, then the patch anywhere in it: the finding lands anywhere
+            # within a third of the patch of its centre, never always at the centre
             RandCropByPosNegLabeld(
-                keys=KEYS, label_key="label", spatial_size=[patch] * 3, pos=3, neg=2, num_samples=1, allow_smaller=True
+                keys=KEYS,
+                label_key="label",
+                spatial_size=[patch + 2 * (patch // 3)] * 3,
+                pos=3,
+                neg=2,
+                num_samples=1,
+                allow_smaller=True,
             ),
+            RandSpatialCropd(keys=KEYS, roi_size=[patch] * 3, random_size=False),
             RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
             RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
             SelectItemsd(keys=KEYS),
