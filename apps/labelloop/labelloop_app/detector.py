@@ -4,7 +4,7 @@ Image-level labels alone did not teach a 3D CNN to find a lesion of a few voxels
 (``benchmarks/results/classification.md``); a mark where the lesion is did. The detector is MONAI's residual UNet
 with one output channel per class. Training paints each finding (centre and radius from the class label, see
 :mod:`labelloop_app.class_labels`) as a ball of its class on the preprocessed grid and learns from patches, most
-of them at findings; an image without findings of a non-first class teaches nothing where, so it is left out.
+of them near findings; an image without findings of a non-first class teaches nothing where, so it is left out.
 An image's probability of class ``k >= 1`` is the mean of its ``TOP_K`` most probable voxels for ``k``; the first
 class (``normal``) gets what the strongest other class leaves. The class map itself is the explanation.
 """
@@ -15,7 +15,6 @@ from typing import Any, Dict, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
-from monai.config import KeysCollection
 from monai.transforms import MapTransform, ScaleIntensityRanged
 
 TOP_K = 8
@@ -48,20 +47,12 @@ def image_probabilities(logits: torch.Tensor, top_k: int = TOP_K) -> torch.Tenso
 
 
 class ImageProbabilitiesd(MapTransform):
-    """Replace voxel logits (C, *spatial) under ``keys`` by the image's class probabilities (C,); keep the
-    voxel probabilities under ``<key>_map`` when ``keep_map``."""
-
-    def __init__(self, keys: KeysCollection, keep_map: bool = False, allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
-        self.keep_map = keep_map
+    """Replace voxel logits (C, *spatial) under ``keys`` by the image's class probabilities (C,)."""
 
     def __call__(self, data: Mapping[Hashable, Any]) -> Dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            logits = torch.as_tensor(d[key])
-            if self.keep_map:
-                d[f"{key}_map"] = torch.softmax(logits.float(), dim=0)
-            d[key] = image_probabilities(logits)
+            d[key] = image_probabilities(torch.as_tensor(d[key]))
         return d
 
 
