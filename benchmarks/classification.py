@@ -5,9 +5,10 @@ held-out lesion phantoms.
 
 Starts a real LabelLoop server (``--conf tasks classification``) over a temporary copy of the sample data's
 classification studies in which every image carries its true class as a class label (tag ``class``), trains
-``classification`` from scratch for ``--minutes``, classifies every ``classification_heldout`` image through the
-server (uploaded, as an unknown scan would be) and reports accuracy, balanced accuracy and ROC AUC, the
-misclassified cases with their lesion radius and contrast, and the sensitivity by lesion size. Writes
+``classification`` from scratch for ``--minutes``, classifies every ``classification_heldout`` image (plus
+``--extra-heldout`` generated ones) through the server, uploaded as an unknown scan would be, and reports accuracy,
+balanced accuracy and ROC AUC with a bootstrap 95% interval, the misclassified cases with their lesion radius and
+contrast, and the sensitivity by lesion size. Writes
 ``classification.{json,md,png}`` to ``--out`` (default ``benchmarks/results``; the PNG is the learning curve).
 """
 
@@ -67,15 +68,39 @@ def pair_auc(positives: list, negatives: list):
     return float(((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (pos.size * neg.size))
 
 
+def auc_interval(positives: list, negatives: list, draws: int = 2000, seed: int = 0):
+    """Bootstrap 95% interval of :func:`pair_auc` (cases resampled within each class); None when undefined."""
+    if not positives or not negatives:
+        return None
+    rng = np.random.default_rng(seed)
+    pos, neg = np.asarray(positives), np.asarray(negatives)
+    aucs = [pair_auc(rng.choice(pos, pos.size), rng.choice(neg, neg.size)) for _ in range(draws)]
+    return [round(float(v), 3) for v in np.percentile(aucs, [2.5, 97.5])]
+
+
 def auc_postfix(entry: dict) -> dict:
     return {"loss": f"{entry['loss']:.3f}", "val_auc": entry.get("val_auc")}
 
 
-def evaluate(server, sample: Path) -> list:
+def heldout_cases(sample: Path, root: Path, extra: int = 0) -> list:
+    """(image path, truth) of every held-out case: the sample data's, plus ``extra`` generated ones (a held-out
+    cohort of the generator's seed 1, independent of the sample data and of the extra training cases)."""
     truth = json.loads((sample / "classification_heldout" / "truth.json").read_text())
+    cases = [(sample / "classification_heldout" / "images" / f"{i}.nii.gz", c) for i, c in sorted(truth.items())]
+    folder = root / "heldout"
+    folder.mkdir(parents=True, exist_ok=True)
+    for case in tqdm(cohort_plan("cls_heldout", extra, seed=1), desc="extra held-out cases", disable=not extra):
+        path = folder / f"extra_{case.pop('id')}.nii.gz"
+        image, info = make_lesion_phantom(**case)
+        sitk.WriteImage(image, str(path), useCompression=True)
+        cases.append((path, info))
+    return cases
+
+
+def evaluate(server, cases: list) -> list:
     rows = []
-    for image_id, case in tqdm(sorted(truth.items()), desc="held-out inference"):
-        image = sample / "classification_heldout" / "images" / f"{image_id}.nii.gz"
+    for image, case in tqdm(cases, desc="held-out inference"):
+        image_id = image.name[: -len(".nii.gz")]
         t0 = time.time()
         with open(image, "rb") as f:
             r = server.post("/infer/classification?output=json", files={"file": (image.name, f)})
@@ -123,6 +148,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     training_arguments(ap, HERE)
     ap.add_argument("--extra-train", type=int, default=0, help="generated training cases beyond the sample data's")
+    ap.add_argument("--extra-heldout", type=int, default=0, help="generated held-out cases beyond the sample data's")
     args = ap.parse_args(argv)
 
     generate_sample_data(args.sample_data)
@@ -131,12 +157,13 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         studies = prepare_studies(args.sample_data, root, args.extra_train)
+        heldout = heldout_cases(args.sample_data, root, args.extra_heldout)
         server = start_server(studies, root / "models", root / "server.log", conf)
         try:
             classes = server.info()["models"]["classification"]["config"]["classes"]
             params = {} if args.learning_rate is None else {"learning_rate": args.learning_rate}
             stats = train_with_progress(server, "classification", args.minutes, params, auc_postfix)
-            rows = evaluate(server, args.sample_data)
+            rows = evaluate(server, heldout)
         finally:
             stop_server(server)
 
@@ -157,6 +184,9 @@ def main(argv=None) -> int:
         kind_auc = pair_auc(positives, negatives)
         found = sum(r["predicted"] == "lesion" for r in cases)
         by_kind.append({"lesions": kind, "cases": len(cases), "detected": found, "auc_vs_normal": kind_auc})
+    interval = auc_interval(
+        [r["p_lesion"] for r in rows if r["true"] == "lesion"], [r["p_lesion"] for r in rows if r["true"] != "lesion"]
+    )
     best = max(stats["history"], key=lambda h: h.get("val_auc") or 0.0)
     result = {
         "command": command("classification.py", argv),
@@ -172,6 +202,7 @@ def main(argv=None) -> int:
         "heldout_accuracy": report["accuracy"],
         "heldout_balanced_accuracy": report["balanced_accuracy"],
         "heldout_auc": report["auc"],
+        "heldout_auc_95ci": interval,
         "heldout_confusion_matrix": report["confusion_matrix"],
         "heldout_sensitivity": report["sensitivity"],
         "heldout_specificity": report["specificity"],
@@ -190,7 +221,8 @@ def main(argv=None) -> int:
         f"({', '.join(f'{k}: {v}' for k, v in stats['class_counts'].items())}).",
         "",
         f"Held-out ({len(rows)} cases): accuracy **{report['accuracy']:.3f}**, balanced accuracy "
-        f"**{report['balanced_accuracy']:.3f}**, ROC AUC **{auc:.3f}** (target >= 0.95)."
+        f"**{report['balanced_accuracy']:.3f}**, ROC AUC **{auc:.3f}** (bootstrap 95% interval "
+        f"{interval[0]:.3f}-{interval[1]:.3f}; target >= 0.95)."
         if auc is not None
         else f"Held-out ({len(rows)} cases): accuracy {report['accuracy']:.3f} (one class only: no AUC).",
         "",
