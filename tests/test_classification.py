@@ -376,6 +376,9 @@ def test_detector_trains_from_findings_and_maps_the_class_on_the_input_grid(cls_
         for key in ("val_accuracy", "val_balanced_accuracy", "val_sensitivity", "val_confusion_matrix", "val_auc"):
             assert key in last, key
         assert sum(map(sum, last["val_confusion_matrix"])) == stats["val_images"]
+        state = torch.load(tmp_path / "models" / "classification_detector.pt", map_location="cpu")
+        bias = state.get("model", state)["evidence_bias"]  # fitted on the validation images, published with the weights
+        assert bias.shape == (1,) and torch.isfinite(bias).all() and float(bias.abs()) > 0
 
         client = LabelLoopClient(server.url)
         out, result = client.infer("classification", image_id=UNLABELED, params={"explain": True}, out_path=tmp_path)

@@ -33,7 +33,16 @@ from labelloop_app.class_labels import (
 from labelloop_app.classification_metrics import ClassificationMetrics, classification_report, selection_score
 from labelloop_app.conf import TASKS, ClassificationConf, ConfError, parse_tasks
 from labelloop_app.datastore import LabelLoopDatastore
-from labelloop_app.detector import FindingsToMaskd, PatchClassd, image_probabilities
+from labelloop_app.detector import (
+    ClassMapUNet,
+    EvidenceCalibration,
+    FindingsToMaskd,
+    ImageProbabilitiesd,
+    PatchClassd,
+    detector_input_transforms,
+    fit_evidence_bias,
+    image_probabilities,
+)
 from labelloop_app.errors import BadRequest, UnprocessableInput
 from labelloop_app.explain import explain_method, gradcam_map, occlusion_map, restore_map
 from labelloop_app.geometry import Geometry, geometry_from_ras_affine
@@ -41,6 +50,7 @@ from labelloop_app.infer_classification import class_probabilities
 from labelloop_app.networks import CAM_LAYERS, classification_network
 from labelloop_app.synthetic import CLASS_LABEL_DIR, class_label_document, make_lesion_phantom
 from labelloop_app.train_classification import class_weights, stratified_split
+from labelloop_app.train_detector import DetectorTrain
 from labelloop_app.transforms import whole_volume_transforms
 
 CLASSES = ["normal", "lesion"]
@@ -435,3 +445,99 @@ def test_detector_network_maps_every_class():
     net = classification_network("detector", 3).eval()
     with torch.no_grad():
         assert net(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 3, 32, 32, 32)
+
+
+def _logit(p):
+    return float(np.log(p / (1 - p)))
+
+
+def test_evidence_bias_is_the_balanced_maximum_likelihood_offset():
+    """With all positives at logit a and all negatives at logit c, the balanced likelihood peaks where
+    sigmoid(c + b) = 1 - sigmoid(a + b), that is b = -(a + c) / 2, whatever the group sizes."""
+    a, c = _logit(0.98), _logit(0.5)
+    evidence = np.array([0.98] * 3 + [0.5] * 9)
+    positive = np.array([True] * 3 + [False] * 9)
+    assert fit_evidence_bias(evidence, positive) == pytest.approx(-(a + c) / 2, abs=1e-6)
+    spread = np.array([0.9, 0.99, 0.7, 0.3, 0.6, 0.45])
+    b = fit_evidence_bias(spread, np.array([True, True, True, False, False, False]))
+    p = 1 / (1 + np.exp(-(np.log(spread / (1 - spread)) + b)))
+    assert p[:3].mean() == pytest.approx(1 - p[3:].mean(), abs=1e-6)  # the balanced score equation
+    with pytest.raises(ValueError, match="with and without"):
+        fit_evidence_bias(spread, np.ones(6, dtype=bool))
+
+
+def test_evidence_bias_calibrates_the_image_probabilities():
+    logits = torch.zeros(2, 8, 8, 8)
+    logits[1, :2, :2, :2] = _logit(0.8)  # 8 voxels at 0.8: evidence 0.8
+    assert float(image_probabilities(logits)[1]) == pytest.approx(0.8, abs=1e-5)
+    p = image_probabilities(logits, torch.tensor([-_logit(0.8)]))
+    assert p.tolist() == pytest.approx([0.5, 0.5], abs=1e-5)
+    out = ImageProbabilitiesd(keys="pred")({"pred": logits, "evidence_bias": torch.tensor([-2 * _logit(0.8)])})
+    assert float(out["evidence"][0]) == pytest.approx(0.8, abs=1e-5)
+    assert float(out["pred"][1]) == pytest.approx(0.2, abs=1e-5) and float(out["pred"].sum()) == pytest.approx(1.0)
+
+
+def test_class_map_unet_saves_its_bias_and_loads_older_weights_without_one():
+    net = ClassMapUNet(3, spatial_dims=3, in_channels=1, channels=(4, 8), strides=(2,), num_res_units=1)
+    net.evidence_bias.copy_(torch.tensor([-1.5, 0.25]))
+    state = net.state_dict()
+    again = ClassMapUNet(3, spatial_dims=3, in_channels=1, channels=(4, 8), strides=(2,), num_res_units=1)
+    again.load_state_dict(state, strict=True)
+    assert again.evidence_bias.tolist() == [-1.5, 0.25]
+    older = {k: v for k, v in state.items() if k != "evidence_bias"}
+    again.load_state_dict(older, strict=True)
+    assert again.evidence_bias.tolist() == [0.0, 0.0]
+
+
+def test_evidence_calibration_fits_each_finding_class_before_the_checkpoint():
+    """Over one validation epoch the handler gathers evidence and classes, fits one offset per finding class
+    (against the first class's images only), stores it in the network and rescores with it."""
+    net = ClassMapUNet(3, spatial_dims=3, in_channels=1, channels=(4, 8), strides=(2,), num_res_units=1)
+    items = [(0, [0.5, 0.5]), (0, [0.5, 0.5]), (1, [0.98, 0.1]), (2, [0.9, 0.9]), (2, [0.4, 0.9])]
+
+    def step(engine, batch):
+        label, evidence = batch
+        return [{"label": torch.tensor([label]), "evidence": torch.tensor(evidence)}]
+
+    rescored = {}
+    evaluator = Engine(step)
+    EvidenceCalibration(net, lambda engine, probs: rescored.update(probs=probs)).attach(evaluator)
+    evaluator.run(items, max_epochs=1)
+    b1 = fit_evidence_bias(np.array([0.5, 0.5, 0.98]), np.array([False, False, True]))
+    b2 = fit_evidence_bias(np.array([0.5, 0.5, 0.9, 0.9]), np.array([False, False, True, True]))
+    assert net.evidence_bias.tolist() == pytest.approx([b1, b2], abs=1e-5)
+    assert rescored["probs"].shape == (5, 3) and np.allclose(rescored["probs"].sum(axis=1), 1.0)
+    assert rescored["probs"][2].argmax() == 1 and rescored["probs"][0].argmax() == 0
+
+
+def test_classification_metrics_rescore_replaces_the_epoch_figures():
+    metric = ClassificationMetrics(CLASSES, "val_")
+    engine = Engine(lambda e, b: None)
+    metric.update(([torch.tensor([0.4, 0.6]), torch.tensor([0.3, 0.7])], [torch.tensor([0]), torch.tensor([1])]))
+    metric.completed(engine, "val_score")
+    assert engine.state.metrics["val_accuracy"] == 0.5
+    metric.rescore(engine, "val_score", np.array([[0.6, 0.4], [0.3, 0.7]]))
+    assert engine.state.metrics["val_accuracy"] == 1.0 and engine.state.metrics["val_auc"] == 1.0
+
+
+def test_detector_centres_patches_without_findings_in_tissue_above_minus_50_hu(tmp_path):
+    """The threshold handed to RandCropByPosNegLabeld is -50 HU after the detector's own intensity pipeline."""
+    conf = ClassificationConf.from_conf({"cls_network": "detector"})
+    task = DetectorTrain(conf, str(tmp_path), classification_network("detector", 2), str(tmp_path / "m.pt"))
+    threshold = task._tissue_threshold()
+    image = sitk.Image([12, 12, 12], sitk.sitkFloat32) - 50.0
+    path = tmp_path / "minus50.nii.gz"
+    sitk.WriteImage(image, str(path))
+    pipeline = [*whole_volume_transforms("image", "CT", conf.ct_window, (1, 1, 1), (12, 12, 12), -1000.0)]
+    d = {"image": str(path)}
+    for t in [*pipeline, *detector_input_transforms(conf)]:
+        d = t(d)
+    assert threshold["image_key"] == "image"
+    assert float(d["image"].max()) == pytest.approx(threshold["image_threshold"], abs=1e-4)
+    mr = DetectorTrain(
+        ClassificationConf.from_conf({"cls_network": "detector", "modality": "MR"}),
+        str(tmp_path),
+        classification_network("detector", 2),
+        str(tmp_path / "m.pt"),
+    )
+    assert mr._tissue_threshold() == {}

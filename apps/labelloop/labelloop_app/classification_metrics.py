@@ -105,6 +105,12 @@ class ClassificationMetrics(Metric):
         self.report = classification_report(probs, np.array(self._labels, dtype=np.int64), self.classes)
         return selection_score(self.report)
 
+    def rescore(self, engine: Engine, name: str, probs: np.ndarray) -> None:
+        """Recompute this epoch's figures from other probabilities (N, C) of the same images, in the same order
+        (recalibrated ones, for instance)."""
+        self._probs = [np.asarray(p, dtype=np.float32).reshape(-1) for p in probs]
+        self.completed(engine, name)
+
     def completed(self, engine: Engine, name: str) -> None:
         engine.state.metrics[name] = self.compute()
         for key in SCALARS:

@@ -5,16 +5,23 @@ Image-level labels alone did not teach a 3D CNN to find a lesion of a few voxels
 with one output channel per class. Training paints each finding (centre and radius from the class label, see
 :mod:`labelloop_app.class_labels`) as a ball of its class on the preprocessed grid and learns from patches, most
 of them near findings; an image without findings of a non-first class teaches nothing where, so it is left out.
-An image's probability of class ``k >= 1`` is the mean of its ``TOP_K`` most probable voxels for ``k``; the first
+An image's evidence for class ``k >= 1`` is the mean of its ``TOP_K`` most probable voxels for ``k``; the first
 class (``normal``) gets what the strongest other class leaves. The class map itself is the explanation.
+
+The evidence ranks images well but is not a probability: the loss weights finding voxels up, so a normal image's
+strongest voxels sit near 0.5. Each finding class therefore has a bias on the logit of its evidence, fitted on the
+validation images after every validation (:class:`EvidenceCalibration`) and saved with the weights as the buffer
+``evidence_bias`` of :class:`ClassMapUNet`; probabilities are those of a cohort with equal class frequencies.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Hashable, Mapping, Sequence
+from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+from ignite.engine import Engine, Events
+from monai.networks.nets import UNet
 from monai.transforms import MapTransform, ScaleIntensityRanged
 
 TOP_K = 8
@@ -26,6 +33,22 @@ unit. In [0, 1] a lesion is a tenth of the range, and the networks learned it fa
 
 FINDINGS = "findings"
 CLASS_INDEX = "class_index"
+EVIDENCE = "evidence"
+EVIDENCE_BIAS = "evidence_bias"
+
+
+class ClassMapUNet(UNet):
+    """MONAI's UNet with one output channel per class, plus the calibration of its image evidence: the buffer
+    ``evidence_bias`` (one logit offset per finding class), saved and loaded with the weights. A state dict from
+    before the buffer existed loads with no offset."""
+
+    def __init__(self, num_classes: int, **kwargs):
+        super().__init__(out_channels=num_classes, **kwargs)
+        self.register_buffer(EVIDENCE_BIAS, torch.zeros(max(int(num_classes) - 1, 0)))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.setdefault(prefix + EVIDENCE_BIAS, torch.zeros_like(self.evidence_bias))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def detector_input_transforms(conf) -> list:
@@ -36,24 +59,108 @@ def detector_input_transforms(conf) -> list:
     return [ScaleIntensityRanged(keys="image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=False)]
 
 
-def image_probabilities(logits: torch.Tensor, top_k: int = TOP_K) -> torch.Tensor:
-    """Class probabilities (C,) of one image from its voxel logits (C, *spatial); they sum to 1."""
+def image_evidence(logits: torch.Tensor, top_k: int = TOP_K) -> torch.Tensor:
+    """Evidence (C - 1,) of one image for each finding class: the mean of its ``top_k`` most probable voxels."""
     voxel = torch.softmax(logits.float(), dim=0).flatten(1)
     k = min(int(top_k), voxel.shape[1])
-    evidence = voxel[1:].topk(k, dim=1).values.mean(dim=1)
+    return voxel[1:].topk(k, dim=1).values.mean(dim=1)
+
+
+def evidence_probabilities(evidence: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Class probabilities (C,) from the finding classes' evidence (C - 1,) and their logit offsets; they sum to 1."""
+    evidence = torch.as_tensor(evidence).float().clamp(1e-6, 1.0 - 1e-6)
+    if bias is not None:
+        evidence = torch.sigmoid(torch.logit(evidence) + torch.as_tensor(bias).float().to(evidence.device))
     normal = (1.0 - evidence.max()).clamp(min=0.0).reshape(1)
     p = torch.cat([normal, evidence]).clamp(min=1e-6)
     return p / p.sum()
 
 
+def image_probabilities(logits: torch.Tensor, bias: Optional[torch.Tensor] = None, top_k: int = TOP_K) -> torch.Tensor:
+    """Class probabilities (C,) of one image from its voxel logits (C, *spatial); they sum to 1."""
+    return evidence_probabilities(image_evidence(logits, top_k), bias)
+
+
 class ImageProbabilitiesd(MapTransform):
-    """Replace voxel logits (C, *spatial) under ``keys`` by the image's class probabilities (C,)."""
+    """Replace voxel logits (C, *spatial) under ``keys`` by the image's class probabilities (C,), calibrated by
+    ``bias()`` (the network's ``evidence_bias``) when given, else by the item's ``evidence_bias`` if it has one; the
+    uncalibrated evidence goes to ``evidence``."""
+
+    def __init__(self, keys, bias: Optional[Callable[[], torch.Tensor]] = None):
+        super().__init__(keys)
+        self.bias = bias
 
     def __call__(self, data: Mapping[Hashable, Any]) -> Dict[Hashable, Any]:
         d = dict(data)
+        bias = d.get(EVIDENCE_BIAS) if self.bias is None else self.bias().detach().cpu()
         for key in self.key_iterator(d):
-            d[key] = image_probabilities(torch.as_tensor(d[key]))
+            evidence = image_evidence(torch.as_tensor(d[key]))
+            d[EVIDENCE] = evidence
+            d[key] = evidence_probabilities(evidence, bias)
         return d
+
+
+def fit_evidence_bias(evidence: np.ndarray, positive: np.ndarray, bound: float = 15.0) -> float:
+    """The logit offset ``b`` under which ``sigmoid(logit(evidence) + b)`` best predicts ``positive``: maximum
+    likelihood with both groups weighted equally. The likelihood is concave in ``b``, so its derivative is found
+    by bisection within ``[-bound, bound]``."""
+    z = np.log(np.clip(evidence, 1e-6, 1 - 1e-6)) - np.log1p(-np.clip(evidence, 1e-6, 1 - 1e-6))
+    y = np.asarray(positive, dtype=bool)
+    if y.all() or not y.any():
+        raise ValueError("fitting an evidence bias needs images with and without the finding")
+    weight = np.where(y, 0.5 / y.sum(), 0.5 / (~y).sum())
+
+    def slope(b: float) -> float:  # derivative of the negative log-likelihood: increasing in b
+        return float(np.sum(weight * (1.0 / (1.0 + np.exp(-(z + b))) - y)))
+
+    lo, hi = -bound, bound
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if slope(mid) > 0 else (mid, hi)
+    return 0.5 * (lo + hi)
+
+
+class EvidenceCalibration:
+    """Fits ``evidence_bias`` on each validation and puts it in the network, before the checkpoint is saved.
+
+    Attach it to the evaluator before MONAI Label's ``CheckpointSaver`` (a validation handler, attached after the
+    key metric): it gathers every image's evidence and class, fits one offset per finding class (its images
+    against the first class's), stores it in the network, and has ``rescore`` recompute the epoch's metrics with
+    the calibrated probabilities, so the saved model and the reported accuracy agree.
+    """
+
+    def __init__(self, network: torch.nn.Module, rescore: Optional[Callable[[Engine, np.ndarray], None]] = None):
+        self.network = network
+        self.rescore = rescore
+        self._evidence: List[np.ndarray] = []
+        self._labels: List[int] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._gather)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._fit)
+
+    def _reset(self, engine: Engine) -> None:
+        self._evidence, self._labels = [], []
+
+    def _gather(self, engine: Engine) -> None:
+        for item in engine.state.output:
+            self._evidence.append(torch.as_tensor(item[EVIDENCE]).detach().float().cpu().numpy().reshape(-1))
+            self._labels.append(int(torch.as_tensor(item["label"]).reshape(-1)[0].item()))
+
+    def _fit(self, engine: Engine) -> None:
+        if not self._evidence:
+            return
+        evidence, labels = np.stack(self._evidence), np.asarray(self._labels)
+        bias = self.network.evidence_bias.detach().cpu().numpy().astype(np.float64)
+        for k in range(bias.size):
+            rows = (labels == 0) | (labels == k + 1)
+            if len(set(labels[rows])) == 2:
+                bias[k] = fit_evidence_bias(evidence[rows, k], labels[rows] == k + 1)
+        self.network.evidence_bias.copy_(torch.as_tensor(bias, dtype=self.network.evidence_bias.dtype))
+        if self.rescore is not None:
+            probs = [evidence_probabilities(torch.as_tensor(e), torch.as_tensor(bias)).numpy() for e in evidence]
+            self.rescore(engine, np.stack(probs))
 
 
 class PatchClassd(MapTransform):

@@ -29,7 +29,7 @@ from monai.transforms import Activationsd
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from labelloop_app.conf import ClassificationConf
-from labelloop_app.detector import ImageProbabilitiesd, detector_input_transforms, image_probabilities
+from labelloop_app.detector import EVIDENCE_BIAS, ImageProbabilitiesd, detector_input_transforms, image_probabilities
 from labelloop_app.errors import BadRequest, UnprocessableInput
 from labelloop_app.explain import RestoreMapd, explain_method, gradcam_map, occlusion_map
 from labelloop_app.geometry import UnreadableImageError, write_image
@@ -148,8 +148,9 @@ class ClassificationInfer(VersionedInferTask):
 
 class DetectorInfer(ClassificationInfer):
     """The ``detector`` classifier (see :mod:`labelloop_app.detector`): the network maps each class over the volume,
-    the image's probabilities come from its most probable voxels, and the explanation is that class map itself
-    (whichever method ``explain`` names), on the input image's grid."""
+    the image's probabilities come from its most probable voxels, calibrated by the network's ``evidence_bias``
+    (fitted on the validation images in training), and the explanation is that class map itself (whichever method
+    ``explain`` names), on the input image's grid."""
 
     def pre_transforms(self, data=None) -> Sequence[Callable]:
         return [*super().pre_transforms(data), *detector_input_transforms(self.conf)]
@@ -160,10 +161,12 @@ class DetectorInfer(ClassificationInfer):
     def run_inferer(self, data: Dict[str, Any], convert_to_batch=True, device="cuda"):
         with torch.inference_mode():
             data = VersionedInferTask.run_inferer(self, data, convert_to_batch, device)
+            bias = self._get_network(device, data).evidence_bias.detach().cpu()
+            data[EVIDENCE_BIAS] = bias
             if explain_method(data.get("explain")) is None:
                 return data
             logits = torch.as_tensor(data[self.output_label_key]).detach().float()
-            index = self._explain_class(data, image_probabilities(logits))
+            index = self._explain_class(data, image_probabilities(logits, bias))
             data["explanation"] = torch.softmax(logits, dim=0)[index].cpu().numpy().astype(np.float32)
         data["explanation_meta"] = {"method": "class_map", "class": self.conf.classes[index]}
         return data

@@ -7,6 +7,8 @@ from typing import Sequence
 import torch
 from monai.networks.nets import AttentionUnet, DenseNet121, DynUNet, SegResNet, UNet, resnet10, resnet18
 
+from labelloop_app.detector import ClassMapUNet
+
 
 def segmentation_network(name: str, out_channels: int, in_channels: int = 1, dropout: float = 0.1) -> torch.nn.Module:
     """A 3D segmentation network.
@@ -90,10 +92,10 @@ def classification_network(
         make = resnet10 if name == "resnet10" else resnet18
         return make(spatial_dims=3, n_input_channels=in_channels, num_classes=num_classes, conv1_t_stride=2)
     if name == "detector":  # voxel logits per class, see labelloop_app.detector
-        return UNet(
+        return ClassMapUNet(
+            num_classes,
             spatial_dims=3,
             in_channels=in_channels,
-            out_channels=num_classes,
             channels=(16, 32, 64, 128),
             strides=(2, 2, 2),
             num_res_units=1,

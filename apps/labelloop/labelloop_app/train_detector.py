@@ -20,6 +20,8 @@ from monailabel.tasks.train.basic_train import Context
 
 from labelloop_app.class_labels import class_findings_of
 from labelloop_app.detector import (
+    SOFT_TISSUE,
+    EvidenceCalibration,
     FindingLoss,
     FindingsToMaskd,
     ImageProbabilitiesd,
@@ -70,6 +72,15 @@ class DetectorTrain(ClassificationTrain):
     def _deterministic(self):
         return [*super()._deterministic(), *detector_input_transforms(self.conf)]
 
+    def _tissue_threshold(self) -> Dict[str, Any]:
+        """Where patches without findings are centred: CT voxels above -50 HU (organs, where findings and their
+        look-alikes are, rather than air and fat); anywhere for MR."""
+        if self.conf.modality != "CT":
+            return {}
+        lo, hi = self.conf.ct_window
+        unit = (-50.0 - lo) / (hi - lo)  # -50 HU in the [0, 1] window, then in soft-tissue units
+        return {"image_key": "image", "image_threshold": (unit - SOFT_TISSUE[0]) / (SOFT_TISSUE[1] - SOFT_TISSUE[0])}
+
     def train_pre_transforms(self, context: Context):
         patch = int(context.request.get("patch", 48))
         return [
@@ -85,6 +96,7 @@ class DetectorTrain(ClassificationTrain):
                 neg=2,
                 num_samples=1,
                 allow_smaller=True,
+                **self._tissue_threshold(),
             ),
             RandSpatialCropd(keys=KEYS, roi_size=[patch] * 3, random_size=False),
             RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
@@ -94,10 +106,21 @@ class DetectorTrain(ClassificationTrain):
 
     def train_post_transforms(self, context: Context):
         """Training metrics per patch: its class is the largest class painted in it."""
-        return [ImageProbabilitiesd(keys="pred"), PatchClassd(keys="label")]
+        return [ImageProbabilitiesd(keys="pred", bias=lambda: context.network.evidence_bias), PatchClassd(keys="label")]
 
     def val_post_transforms(self, context: Context):
         return [ImageProbabilitiesd(keys="pred")]
+
+    def val_handlers(self, context: Context):
+        """The evidence calibration first, so that the checkpoint saved after it carries the fitted offsets."""
+        handlers = super().val_handlers(context)
+        if handlers is None:
+            return None
+
+        def rescore(engine, probs):
+            context.val_metric.rescore(engine, "val_score", probs)
+
+        return [EvidenceCalibration(context.network, rescore), *handlers]
 
     def train_inferer(self, context: Context):
         return SimpleInferer()
