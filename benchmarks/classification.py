@@ -62,7 +62,7 @@ def prepare_studies(sample: Path, root: Path, extra: int = 0) -> Path:
 
 def pair_auc(positives: list, negatives: list):
     """P(a positive scores above a negative), ties counted half; None when either side is empty."""
-    if not positives or not negatives:
+    if len(positives) == 0 or len(negatives) == 0:
         return None
     pos, neg = np.asarray(positives)[:, None], np.asarray(negatives)[None, :]
     return float(((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (pos.size * neg.size))
@@ -70,7 +70,7 @@ def pair_auc(positives: list, negatives: list):
 
 def auc_interval(positives: list, negatives: list, draws: int = 2000, seed: int = 0):
     """Bootstrap 95% interval of :func:`pair_auc` (cases resampled within each class); None when undefined."""
-    if not positives or not negatives:
+    if len(positives) == 0 or len(negatives) == 0:
         return None
     rng = np.random.default_rng(seed)
     pos, neg = np.asarray(positives), np.asarray(negatives)
@@ -149,6 +149,7 @@ def main(argv=None) -> int:
     training_arguments(ap, HERE)
     ap.add_argument("--extra-train", type=int, default=0, help="generated training cases beyond the sample data's")
     ap.add_argument("--extra-heldout", type=int, default=0, help="generated held-out cases beyond the sample data's")
+    ap.add_argument("--save-model", type=Path, help="keep the trained model")
     args = ap.parse_args(argv)
 
     generate_sample_data(args.sample_data)
@@ -164,6 +165,8 @@ def main(argv=None) -> int:
             params = {} if args.learning_rate is None else {"learning_rate": args.learning_rate}
             stats = train_with_progress(server, "classification", args.minutes, params, auc_postfix)
             rows = evaluate(server, heldout)
+            if args.save_model:
+                shutil.copy(next((root / "models").glob("classification_*.pt")), args.save_model)
         finally:
             stop_server(server)
 
