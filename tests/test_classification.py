@@ -365,6 +365,7 @@ def test_detector_trains_from_findings_and_maps_the_class_on_the_input_grid(cls_
     conf = {**CLS_CONF, "tasks": "classification", "cls_network": "detector"}
     server = start_server(studies, tmp_path / "models", tmp_path / "server.log", conf)
     try:
+        assert "findings" in server.info()["trainers"]["classification"]["description"]
         r = server.post("/train/classification", json={"max_epochs": 2, "patch": 24})
         assert r.status_code == 200, r.text
         task = server.wait_task("train", timeout=600)
@@ -377,8 +378,10 @@ def test_detector_trains_from_findings_and_maps_the_class_on_the_input_grid(cls_
             assert key in last, key
         assert sum(map(sum, last["val_confusion_matrix"])) == stats["val_images"]
         state = torch.load(tmp_path / "models" / "classification_detector.pt", map_location="cpu")
-        bias = state.get("model", state)["evidence_bias"]  # fitted on the validation images, published with the weights
+        state = state.get("model", state)
+        bias = state["evidence_bias"]  # fitted on the validation images, published with the weights
         assert bias.shape == (1,) and torch.isfinite(bias).all() and float(bias.abs()) > 0
+        assert int(state["patch_size"]) == 24  # inference slides windows of the training patch
 
         client = LabelLoopClient(server.url)
         out, result = client.infer("classification", image_id=UNLABELED, params={"explain": True}, out_path=tmp_path)

@@ -39,6 +39,7 @@ from labelloop_app.detector import (
     FindingsToMaskd,
     ImageProbabilitiesd,
     PatchClassd,
+    PatchWindowInferer,
     detector_input_transforms,
     fit_evidence_bias,
     image_probabilities,
@@ -484,9 +485,35 @@ def test_class_map_unet_saves_its_bias_and_loads_older_weights_without_one():
     again = ClassMapUNet(3, spatial_dims=3, in_channels=1, channels=(4, 8), strides=(2,), num_res_units=1)
     again.load_state_dict(state, strict=True)
     assert again.evidence_bias.tolist() == [-1.5, 0.25]
-    older = {k: v for k, v in state.items() if k != "evidence_bias"}
+    older = {k: v for k, v in state.items() if k not in ("evidence_bias", "patch_size")}
     again.load_state_dict(older, strict=True)
-    assert again.evidence_bias.tolist() == [0.0, 0.0]
+    assert again.evidence_bias.tolist() == [0.0, 0.0] and int(again.patch_size) == 48
+
+
+class _WindowSizes(torch.nn.Module):
+    """Records the spatial size of every input it sees; outputs two channels of the input."""
+
+    def __init__(self, patch_size: int):
+        super().__init__()
+        self.register_buffer("patch_size", torch.tensor(patch_size))
+        self.seen = set()
+
+    def forward(self, x):
+        self.seen.add(tuple(x.shape[2:]))
+        return torch.cat([x, 2 * x], dim=1)
+
+
+def test_patch_window_inferer_sees_the_volume_in_training_patches():
+    """Instance normalisation is computed per input: the detector must see windows of the size it was trained on,
+    the network's own ``patch_size`` unless the trainer names one, and the result still covers the whole volume."""
+    volume = torch.rand(1, 1, 40, 36, 30)
+    net = _WindowSizes(16)
+    out = PatchWindowInferer()(volume, net)
+    assert net.seen == {(16, 16, 16)} and out.shape == (1, 2, 40, 36, 30)
+    assert torch.allclose(out[:, 1], 2 * volume[:, 0], atol=1e-5)  # a voxel-wise network: windows blend to the same
+    net.seen.clear()
+    PatchWindowInferer(20)(volume, net)
+    assert net.seen == {(20, 20, 20)}
 
 
 def test_evidence_calibration_fits_each_finding_class_before_the_checkpoint():
@@ -508,6 +535,10 @@ def test_evidence_calibration_fits_each_finding_class_before_the_checkpoint():
     assert net.evidence_bias.tolist() == pytest.approx([b1, b2], abs=1e-5)
     assert rescored["probs"].shape == (5, 3) and np.allclose(rescored["probs"].sum(axis=1), 1.0)
     assert rescored["probs"][2].argmax() == 1 and rescored["probs"][0].argmax() == 0
+    assert int(net.patch_size) == 48  # the training patch travels with the calibration
+    EvidenceCalibration(net, patch=32).attach(evaluator)
+    evaluator.run(items, max_epochs=1)
+    assert int(net.patch_size) == 32
 
 
 def test_classification_metrics_rescore_replaces_the_epoch_figures():

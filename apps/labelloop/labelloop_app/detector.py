@@ -5,6 +5,8 @@ Image-level labels alone did not teach a 3D CNN to find a lesion of a few voxels
 with one output channel per class. Training paints each finding (centre and radius from the class label, see
 :mod:`labelloop_app.class_labels`) as a ball of its class on the preprocessed grid and learns from patches, most
 of them near findings; an image without findings of a non-first class teaches nothing where, so it is left out.
+The network sees the volume as it was trained, in patch-sized sliding windows (:class:`PatchWindowInferer`): its
+instance normalisation is computed per window, and a whole torso normalises a lesion far from how a patch did.
 An image's evidence for class ``k >= 1`` is the mean of its ``TOP_K`` most probable voxels for ``k``; the first
 class (``normal``) gets what the strongest other class leaves. The class map itself is the explanation.
 
@@ -21,6 +23,7 @@ from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Seque
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai.inferers import Inferer, SlidingWindowInferer
 from monai.networks.nets import UNet
 from monai.transforms import MapTransform, ScaleIntensityRanged
 
@@ -35,20 +38,41 @@ FINDINGS = "findings"
 CLASS_INDEX = "class_index"
 EVIDENCE = "evidence"
 EVIDENCE_BIAS = "evidence_bias"
+PATCH_SIZE = "patch_size"
+DEFAULT_PATCH = 48
 
 
 class ClassMapUNet(UNet):
-    """MONAI's UNet with one output channel per class, plus the calibration of its image evidence: the buffer
-    ``evidence_bias`` (one logit offset per finding class), saved and loaded with the weights. A state dict from
-    before the buffer existed loads with no offset."""
+    """MONAI's UNet with one output channel per class, plus what inference needs to know of its training, saved and
+    loaded with the weights: ``evidence_bias`` (one logit offset per finding class, see :class:`EvidenceCalibration`)
+    and ``patch_size`` (the training patch, voxels per side: the sliding window at inference). A state dict from
+    before these buffers existed loads with no offset and the default patch."""
 
     def __init__(self, num_classes: int, **kwargs):
         super().__init__(out_channels=num_classes, **kwargs)
         self.register_buffer(EVIDENCE_BIAS, torch.zeros(max(int(num_classes) - 1, 0)))
+        self.register_buffer(PATCH_SIZE, torch.tensor(DEFAULT_PATCH, dtype=torch.int64))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         state_dict.setdefault(prefix + EVIDENCE_BIAS, torch.zeros_like(self.evidence_bias))
+        state_dict.setdefault(prefix + PATCH_SIZE, torch.tensor(DEFAULT_PATCH, dtype=torch.int64))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class PatchWindowInferer(Inferer):
+    """Sliding windows of the network's training patch (``patch`` when given, else the network's ``patch_size``),
+    a quarter overlapping, blended with Gaussian weights."""
+
+    def __init__(self, patch: Optional[int] = None, sw_batch_size: int = 4):
+        super().__init__()
+        self.patch, self.sw_batch_size = patch, sw_batch_size
+
+    def __call__(self, inputs: torch.Tensor, network: Callable, *args, **kwargs) -> torch.Tensor:
+        patch = self.patch or int(getattr(getattr(network, "module", network), PATCH_SIZE, DEFAULT_PATCH))
+        windows = SlidingWindowInferer(
+            roi_size=[int(patch)] * 3, sw_batch_size=self.sw_batch_size, overlap=0.25, mode="gaussian"
+        )
+        return windows(inputs, network, *args, **kwargs)
 
 
 def detector_input_transforms(conf) -> list:
@@ -125,13 +149,20 @@ class EvidenceCalibration:
 
     Attach it to the evaluator before MONAI Label's ``CheckpointSaver`` (a validation handler, attached after the
     key metric): it gathers every image's evidence and class, fits one offset per finding class (its images
-    against the first class's), stores it in the network, and has ``rescore`` recompute the epoch's metrics with
-    the calibrated probabilities, so the saved model and the reported accuracy agree.
+    against the first class's), stores it in the network with the training ``patch``, and has ``rescore``
+    recompute the epoch's metrics with the calibrated probabilities, so the saved model and the reported accuracy
+    agree.
     """
 
-    def __init__(self, network: torch.nn.Module, rescore: Optional[Callable[[Engine, np.ndarray], None]] = None):
-        self.network = network
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        rescore: Optional[Callable[[Engine, np.ndarray], None]] = None,
+        patch: int = DEFAULT_PATCH,
+    ):
+        self.network = getattr(network, "module", network)  # unwrapped from DistributedDataParallel
         self.rescore = rescore
+        self.patch = int(patch)
         self._evidence: List[np.ndarray] = []
         self._labels: List[int] = []
 
@@ -158,6 +189,7 @@ class EvidenceCalibration:
             if len(set(labels[rows])) == 2:
                 bias[k] = fit_evidence_bias(evidence[rows, k], labels[rows] == k + 1)
         self.network.evidence_bias.copy_(torch.as_tensor(bias, dtype=self.network.evidence_bias.dtype))
+        self.network.patch_size.fill_(self.patch)
         if self.rescore is not None:
             probs = [evidence_probabilities(torch.as_tensor(e), torch.as_tensor(bias)).numpy() for e in evidence]
             self.rescore(engine, np.stack(probs))

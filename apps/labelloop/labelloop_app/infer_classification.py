@@ -29,7 +29,13 @@ from monai.transforms import Activationsd
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from labelloop_app.conf import ClassificationConf
-from labelloop_app.detector import EVIDENCE_BIAS, ImageProbabilitiesd, detector_input_transforms, image_probabilities
+from labelloop_app.detector import (
+    EVIDENCE_BIAS,
+    ImageProbabilitiesd,
+    PatchWindowInferer,
+    detector_input_transforms,
+    image_probabilities,
+)
 from labelloop_app.errors import BadRequest, UnprocessableInput
 from labelloop_app.explain import RestoreMapd, explain_method, gradcam_map, occlusion_map
 from labelloop_app.geometry import UnreadableImageError, write_image
@@ -148,12 +154,15 @@ class ClassificationInfer(VersionedInferTask):
 
 class DetectorInfer(ClassificationInfer):
     """The ``detector`` classifier (see :mod:`labelloop_app.detector`): the network maps each class over the volume,
-    the image's probabilities come from its most probable voxels, calibrated by the network's ``evidence_bias``
-    (fitted on the validation images in training), and the explanation is that class map itself (whichever method
-    ``explain`` names), on the input image's grid."""
+    in windows of its training patch; the image's probabilities come from its most probable voxels, calibrated by
+    the network's ``evidence_bias`` (fitted on the validation images in training), and the explanation is that
+    class map itself (whichever method ``explain`` names), on the input image's grid."""
 
     def pre_transforms(self, data=None) -> Sequence[Callable]:
         return [*super().pre_transforms(data), *detector_input_transforms(self.conf)]
+
+    def inferer(self, data=None) -> Inferer:
+        return PatchWindowInferer()
 
     def post_transforms(self, data=None) -> Sequence[Callable]:
         return [ImageProbabilitiesd(keys="pred"), RestoreMapd(keys=("explanation",))]

@@ -73,6 +73,7 @@ class ClassificationTrain(LabelLoopTrainTask):
     default_lr = 1e-3
     weight_decay = 1e-4
     draws_per_image = 1  # samples per labeled image and epoch with class balance
+    learns_from = "class labels"
 
     def __init__(self, conf: ClassificationConf, model_dir: str, network: torch.nn.Module, publish_path: str):
         self.conf = conf
@@ -80,7 +81,7 @@ class ClassificationTrain(LabelLoopTrainTask):
             network,
             publish_path,
             model_dir=model_dir,
-            description=f"Train the {conf.network} classifier from class labels (tag '{CLASS_TAG}')",
+            description=f"Train the {conf.network} classifier from {self.learns_from} (tag '{CLASS_TAG}')",
             labels=conf.index_of,
             config={"max_epochs": conf.max_epochs, "train_batch_size": conf.batch_size, "balance": True},
         )

@@ -20,12 +20,14 @@ from monailabel.tasks.train.basic_train import Context
 
 from labelloop_app.class_labels import class_findings_of
 from labelloop_app.detector import (
+    DEFAULT_PATCH,
     SOFT_TISSUE,
     EvidenceCalibration,
     FindingLoss,
     FindingsToMaskd,
     ImageProbabilitiesd,
     PatchClassd,
+    PatchWindowInferer,
     detector_input_transforms,
     findings_datalist_item,
 )
@@ -42,11 +44,12 @@ class DetectorTrain(ClassificationTrain):
     """
 
     default_lr = 2e-3
+    learns_from = "the findings in class labels"
     draws_per_image = 12  # patches are small: many per epoch, so whole-volume validation takes a small share
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._config.update({"patch": 48, "finding_weight": 20.0})
+        self._config.update({"patch": DEFAULT_PATCH, "finding_weight": 20.0})
         self._skipped = 0
 
     def loss_function(self, context: Context):
@@ -82,7 +85,7 @@ class DetectorTrain(ClassificationTrain):
         return {"image_key": "image", "image_threshold": (unit - SOFT_TISSUE[0]) / (SOFT_TISSUE[1] - SOFT_TISSUE[0])}
 
     def train_pre_transforms(self, context: Context):
-        patch = int(context.request.get("patch", 48))
+        patch = self._patch(context)
         return [
             *self._deterministic(),
             FindingsToMaskd(),
@@ -104,6 +107,10 @@ class DetectorTrain(ClassificationTrain):
             SelectItemsd(keys=KEYS),
         ]
 
+    @staticmethod
+    def _patch(context: Context) -> int:
+        return int(context.request.get("patch", DEFAULT_PATCH))
+
     def train_post_transforms(self, context: Context):
         """Training metrics per patch: its class is the largest class painted in it."""
         return [ImageProbabilitiesd(keys="pred", bias=lambda: context.network.evidence_bias), PatchClassd(keys="label")]
@@ -120,10 +127,14 @@ class DetectorTrain(ClassificationTrain):
         def rescore(engine, probs):
             context.val_metric.rescore(engine, "val_score", probs)
 
-        return [EvidenceCalibration(context.network, rescore), *handlers]
+        return [EvidenceCalibration(context.network, rescore, self._patch(context)), *handlers]
 
     def train_inferer(self, context: Context):
         return SimpleInferer()
+
+    def val_inferer(self, context: Context):
+        """Whole volumes in training-patch windows, as inference sees them."""
+        return PatchWindowInferer(self._patch(context))
 
     def stats_extra(self, context: Context) -> Dict[str, Any]:
         return {**super().stats_extra(context), "skipped_without_findings": self._skipped}
