@@ -34,6 +34,12 @@ from labelloop_app.synthetic import class_label_document, cohort_plan, generate_
 
 HERE = Path(__file__).resolve().parent
 SIZE_BINS = ((0.0, 5.0), (5.0, 10.0), (10.0, 100.0))
+LESION_KINDS = (
+    ("typical (8-20 mm, 25-60 HU)", lambda r: r["near_limit"] is False),
+    ("typical, hypodense", lambda r: r["near_limit"] is False and r["contrast_hu"] < 0),
+    ("typical, hyperdense", lambda r: r["near_limit"] is False and r["contrast_hu"] > 0),
+    ("near the limit (3-8 mm, 10-25 HU)", lambda r: r["near_limit"] is True),
+)
 
 
 def _marked(case: dict) -> tuple:
@@ -180,8 +186,8 @@ def main(argv=None) -> int:
         found = sum(r["predicted"] == "lesion" for r in cases)
         by_size.append({"radius_mm": [lo, hi], "lesions": len(cases), "detected": found})
     by_kind = []
-    for kind, near in (("typical (8-20 mm, 25-60 HU)", False), ("near the limit (3-8 mm, 10-25 HU)", True)):
-        cases = [r for r in rows if r["true"] == "lesion" and r["near_limit"] is near]
+    for kind, selected in LESION_KINDS:
+        cases = [r for r in rows if r["true"] == "lesion" and selected(r)]
         positives = [r["p_lesion"] for r in cases]
         negatives = [r["p_lesion"] for r in rows if r["true"] != "lesion"]
         kind_auc = pair_auc(positives, negatives)
