@@ -514,6 +514,12 @@ def test_patch_window_inferer_sees_the_volume_in_training_patches():
     net.seen.clear()
     PatchWindowInferer(20)(volume, net)
     assert net.seen == {(20, 20, 20)}
+    net.seen.clear()
+    wrapped = torch.nn.Module()  # as DistributedDataParallel holds the network in multi-GPU training
+    wrapped.module = net
+    wrapped.forward = net.forward
+    PatchWindowInferer()(volume, wrapped)
+    assert net.seen == {(16, 16, 16)}
 
 
 def test_evidence_calibration_fits_each_finding_class_before_the_checkpoint():

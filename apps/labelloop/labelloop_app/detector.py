@@ -59,6 +59,11 @@ class ClassMapUNet(UNet):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+def unwrapped(network: torch.nn.Module) -> torch.nn.Module:
+    """The network itself, out of ``DistributedDataParallel`` (multi-GPU training) if wrapped."""
+    return getattr(network, "module", network)
+
+
 class PatchWindowInferer(Inferer):
     """Sliding windows of the network's training patch (``patch`` when given, else the network's ``patch_size``),
     a quarter overlapping, blended with Gaussian weights."""
@@ -68,7 +73,7 @@ class PatchWindowInferer(Inferer):
         self.patch, self.sw_batch_size = patch, sw_batch_size
 
     def __call__(self, inputs: torch.Tensor, network: Callable, *args, **kwargs) -> torch.Tensor:
-        patch = self.patch or int(getattr(getattr(network, "module", network), PATCH_SIZE, DEFAULT_PATCH))
+        patch = self.patch or int(getattr(unwrapped(network), PATCH_SIZE, DEFAULT_PATCH))
         windows = SlidingWindowInferer(
             roi_size=[int(patch)] * 3, sw_batch_size=self.sw_batch_size, overlap=0.25, mode="gaussian"
         )
@@ -160,7 +165,7 @@ class EvidenceCalibration:
         rescore: Optional[Callable[[Engine, np.ndarray], None]] = None,
         patch: int = DEFAULT_PATCH,
     ):
-        self.network = getattr(network, "module", network)  # unwrapped from DistributedDataParallel
+        self.network = unwrapped(network)
         self.rescore = rescore
         self.patch = int(patch)
         self._evidence: List[np.ndarray] = []

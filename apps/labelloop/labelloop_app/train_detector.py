@@ -30,6 +30,7 @@ from labelloop_app.detector import (
     PatchWindowInferer,
     detector_input_transforms,
     findings_datalist_item,
+    unwrapped,
 )
 from labelloop_app.train_classification import KEYS, ClassificationTrain
 
@@ -113,7 +114,11 @@ class DetectorTrain(ClassificationTrain):
 
     def train_post_transforms(self, context: Context):
         """Training metrics per patch: its class is the largest class painted in it."""
-        return [ImageProbabilitiesd(keys="pred", bias=lambda: context.network.evidence_bias), PatchClassd(keys="label")]
+
+        def bias():
+            return unwrapped(context.network).evidence_bias
+
+        return [ImageProbabilitiesd(keys="pred", bias=bias), PatchClassd(keys="label")]
 
     def val_post_transforms(self, context: Context):
         return [ImageProbabilitiesd(keys="pred")]
