@@ -117,7 +117,7 @@ def evaluate(server, cases: list) -> list:
                 "case": image_id,
                 "true": case["class"],
                 "predicted": result["class"],
-                "p_lesion": round(result["probabilities"]["lesion"], 4),
+                "p_lesion": result["probabilities"]["lesion"],  # unrounded: rounding ties saturated scores
                 "lesion_radius_mm": case["lesion_radius_mm"],
                 "contrast_hu": case["contrast_hu"],
                 "near_limit": case.get("near_limit"),
