@@ -58,12 +58,23 @@ def prepare_studies(sample: Path, root: Path, extra: int = 0) -> Path:
     for image_id, case in truth.items():
         shutil.copy(sample / "classification" / f"{image_id}.nii.gz", studies / f"{image_id}.nii.gz")
         write_class_label(str(studies / "labels" / CLASS_TAG / f"{image_id}{CLASS_EXT}"), *_marked(case))
-    for case in tqdm(cohort_plan("cls", extra, seed=1), desc="extra training cases", disable=not extra):
-        image_id = f"extra_{case.pop('id')}"
-        image, info = make_lesion_phantom(**case)
-        sitk.WriteImage(image, str(studies / f"{image_id}.nii.gz"), useCompression=True)
+    for path, info in generated_cases("cls", extra, studies, "extra training cases"):
+        image_id = path.name[: -len(".nii.gz")]
         write_class_label(str(studies / "labels" / CLASS_TAG / f"{image_id}{CLASS_EXT}"), *_marked(info))
     return studies
+
+
+def generated_cases(kind: str, n: int, folder: Path, desc: str) -> list:
+    """(image path, truth) of ``n`` cases of the generator's ``kind`` cohort with seed 1 (independent of the sample
+    data), written to ``folder`` as ``extra_<id>.nii.gz``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cases = []
+    for case in tqdm(cohort_plan(kind, n, seed=1), desc=desc, disable=not n):
+        path = folder / f"extra_{case.pop('id')}.nii.gz"
+        image, info = make_lesion_phantom(**case)
+        sitk.WriteImage(image, str(path), useCompression=True)
+        cases.append((path, info))
+    return cases
 
 
 def pair_auc(positives: list, negatives: list):
@@ -93,14 +104,7 @@ def heldout_cases(sample: Path, root: Path, extra: int = 0) -> list:
     cohort of the generator's seed 1, independent of the sample data and of the extra training cases)."""
     truth = json.loads((sample / "classification_heldout" / "truth.json").read_text())
     cases = [(sample / "classification_heldout" / "images" / f"{i}.nii.gz", c) for i, c in sorted(truth.items())]
-    folder = root / "heldout"
-    folder.mkdir(parents=True, exist_ok=True)
-    for case in tqdm(cohort_plan("cls_heldout", extra, seed=1), desc="extra held-out cases", disable=not extra):
-        path = folder / f"extra_{case.pop('id')}.nii.gz"
-        image, info = make_lesion_phantom(**case)
-        sitk.WriteImage(image, str(path), useCompression=True)
-        cases.append((path, info))
-    return cases
+    return cases + generated_cases("cls_heldout", extra, root / "heldout", "extra held-out cases")
 
 
 def evaluate(server, cases: list) -> list:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict
 
+import torch
 from monai.inferers import SimpleInferer
 from monai.transforms import (
     RandCropByPosNegLabeld,
@@ -21,7 +22,6 @@ from monailabel.tasks.train.basic_train import Context
 from labelloop_app.class_labels import class_findings_of
 from labelloop_app.detector import (
     DEFAULT_PATCH,
-    SOFT_TISSUE,
     EvidenceCalibration,
     FindingLoss,
     FindingsToMaskd,
@@ -33,6 +33,7 @@ from labelloop_app.detector import (
     unwrapped,
 )
 from labelloop_app.train_classification import KEYS, ClassificationTrain
+from labelloop_app.transforms import intensity_transforms
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +82,10 @@ class DetectorTrain(ClassificationTrain):
         look-alikes are, rather than air and fat); anywhere for MR."""
         if self.conf.modality != "CT":
             return {}
-        lo, hi = self.conf.ct_window
-        unit = (-50.0 - lo) / (hi - lo)  # -50 HU in the [0, 1] window, then in soft-tissue units
-        return {"image_key": "image", "image_threshold": (unit - SOFT_TISSUE[0]) / (SOFT_TISSUE[1] - SOFT_TISSUE[0])}
+        hu = {"image": torch.full((1, 1, 1, 1), -50.0)}
+        for t in [*intensity_transforms("image", "CT", self.conf.ct_window), *detector_input_transforms(self.conf)]:
+            hu = t(hu)  # -50 HU through the same intensity steps the images take
+        return {"image_key": "image", "image_threshold": float(torch.as_tensor(hu["image"]).reshape(-1)[0])}
 
     def train_pre_transforms(self, context: Context):
         patch = self._patch(context)
