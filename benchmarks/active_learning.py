@@ -69,8 +69,12 @@ from labelloop_app.train_segmentation import SegmentationTrain
 from labelloop_app.training import PolyLR
 
 HERE = Path(__file__).resolve().parent
-STRATEGIES = ("random", "entropy", "tta", "diversity", "hybrid")
-UNCERTAIN = ("entropy", "tta", "hybrid")  # strategies that need full scores of the unlabeled images
+SEG_STRATEGIES = ("random", "entropy", "tta", "diversity", "hybrid")
+CLS_STRATEGIES = ("random", "cls_entropy", "cls_margin", "cls_least_confidence")
+STRATEGIES = (*SEG_STRATEGIES, *CLS_STRATEGIES[1:])  # the index seeds each strategy's random stream
+UNCERTAIN = ("entropy", "tta", "hybrid", *CLS_STRATEGIES[1:])  # they need full scores of the unlabeled images
+SCORE_KEY = {"entropy": "entropy", "tta": "tta", "hybrid": "entropy", **{s: s[4:] for s in CLS_STRATEGIES[1:]}}
+"""The stored score each uncertainty strategy ranks by."""
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -180,6 +184,8 @@ def make_strategy(name: str, leases: LeaseBook, pool_fn, rng: random.Random, hyb
         return RandomStrategy(*args, rng=rng)
     if name in ("entropy", "tta"):
         return ScoreStrategy(name, name, name, "segmentation", *args, rng=rng)
+    if name in CLS_STRATEGIES[1:]:
+        return ScoreStrategy(name, name, name[len("cls_") :], "classification", *args, rng=rng)
     if name == "diversity":
         return DiversityStrategy(*args, rng=rng)
     if name == "hybrid":
@@ -197,7 +203,10 @@ def run(
     images: Dict[str, torch.Tensor],
     cases: Dict[str, Dict],
     args: argparse.Namespace,
+    metric: str = "dice",
 ) -> List[Dict[str, Any]]:
+    """One strategy's annotation run from the seed's warm start: a row per round with the held-out ``metric``
+    (a key of ``trainer.evaluate``'s result, as is ``<metric>_rare``) and the images picked."""
     rng = random.Random(1000 * seed + STRATEGIES.index(strategy))
     torch.manual_seed(1000 * seed + 17)  # same training noise for every strategy of a seed
     network = copy.deepcopy(warm)
@@ -215,7 +224,7 @@ def run(
             model_version=state["version"],
         )
 
-    chooser = make_strategy(strategy, leases, pool_fn, rng, args.hybrid_pool)
+    chooser = make_strategy(strategy, leases, pool_fn, rng, getattr(args, "hybrid_pool", 0.5))
     rounds = []
     for r in range(math.ceil((args.max_labels - args.initial) / args.batch) + 1):
         train_s = trainer.train(network, labeled, args.steps, rng) if r > 0 else 0.0
@@ -238,7 +247,11 @@ def run(
                 state["records"][image_id] = {**rec, "model_version": state["version"]}
         row["score_seconds"] = round(time.time() - t0, 1)
         if strategy in UNCERTAIN:
-            row["entropy_rare_vs_common"] = _separation(state["records"], cases, [i for i in cases if i not in labeled])
+            unlabeled = [i for i in cases if i not in labeled]
+            row["entropy_rare_vs_common"] = _separation(state["records"], cases, unlabeled)
+            key = SCORE_KEY[strategy]
+            if key != "entropy":
+                row[f"{key}_rare_vs_common"] = _separation(state["records"], cases, unlabeled, key)
         picks = []
         for j in range(min(args.batch, args.max_labels - len(labeled))):
             answer = chooser({"client_id": f"oracle{j}"}, None)
@@ -258,22 +271,25 @@ def run(
         ]
         rounds.append(row)
         print(
-            f"  {strategy:9s} seed {seed} labels {row['labels']:2d}: dice {ev['dice']:.3f} "
-            f"(rare {ev['dice_rare']:.3f}) picked {[p['id'][-3:] + ('*' if p['rare'] else '') for p in row['picked']]}"
+            f"  {strategy:9s} seed {seed} labels {row['labels']:2d}: {metric} {ev[metric]:.3f} "
+            f"(rare {ev[metric + '_rare']:.3f}) "
+            f"picked {[p['id'][-3:] + ('*' if p['rare'] else '') for p in row['picked']]}"
             f" train {train_s:.0f}s score {row['score_seconds']:.0f}s",
             flush=True,
         )
     return rounds
 
 
-def _separation(records: Dict[str, Dict], cases: Dict[str, Dict], ids: Sequence[str]) -> Dict[str, Any]:
-    """How well the entropy score tells the rare subgroup from the rest among the scored images (AUC)."""
-    rare = [records[i]["entropy"] for i in ids if cases[i]["rare"] and "entropy" in records.get(i, {})]
-    common = [records[i]["entropy"] for i in ids if not cases[i]["rare"] and "entropy" in records.get(i, {})]
+def _separation(
+    records: Dict[str, Dict], cases: Dict[str, Dict], ids: Sequence[str], key: str = "entropy"
+) -> Dict[str, Any]:
+    """How well the score ``key`` tells the rare subgroup from the rest among the scored images (AUC)."""
+    rare = [records[i][key] for i in ids if cases[i]["rare"] and key in records.get(i, {})]
+    common = [records[i][key] for i in ids if not cases[i]["rare"] and key in records.get(i, {})]
     if not rare or not common:
         return {}
     auc = float(np.mean([(r > c) + 0.5 * (r == c) for r in rare for c in common]))
-    return {"auc_entropy_rare": round(auc, 3), "mean_rare": float(np.mean(rare)), "mean_common": float(np.mean(common))}
+    return {f"auc_{key}_rare": round(auc, 3), "mean_rare": float(np.mean(rare)), "mean_common": float(np.mean(common))}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -290,45 +306,54 @@ def labels_to_reach(curve: Dict[int, float], target: float) -> float | None:
     return None
 
 
-def summarise(results: Dict[str, Dict[int, List[Dict]]], reference: List[Dict], fraction: float) -> Dict[str, Any]:
-    ref = float(np.mean([r["dice"] for r in reference]))
+def summarise(
+    results: Dict[str, Dict[int, List[Dict]]], reference: List[Dict], fraction: float, metric: str = "dice"
+) -> Dict[str, Any]:
+    """Mean and spread of ``metric`` per strategy and number of labels, and the labels each strategy needs to reach
+    ``fraction`` of the all-labels reference, relative to random. Keys are named after the metric (``mean_dice``)."""
+    m = metric
+    ref = float(np.mean([r[m] for r in reference]))
     target = fraction * ref
     table = {}
     for strategy, by_seed in results.items():
         labels = sorted({row["labels"] for rows in by_seed.values() for row in rows})
         mean = {
-            n: float(np.mean([row["dice"] for rows in by_seed.values() for row in rows if row["labels"] == n]))
+            n: float(np.mean([row[m] for rows in by_seed.values() for row in rows if row["labels"] == n]))
             for n in labels
         }
         std = {
-            n: float(np.std([row["dice"] for rows in by_seed.values() for row in rows if row["labels"] == n]))
+            n: float(np.std([row[m] for rows in by_seed.values() for row in rows if row["labels"] == n]))
             for n in labels
         }
-        per_seed = [labels_to_reach({row["labels"]: row["dice"] for row in rows}, target) for rows in by_seed.values()]
+        per_seed = [labels_to_reach({row["labels"]: row[m] for row in rows}, target) for rows in by_seed.values()]
         picked = [p for rows in by_seed.values() for row in rows for p in row.get("picked", [])]
-        aucs = [
-            row["entropy_rare_vs_common"]["auc_entropy_rare"]
-            for rows in by_seed.values()
-            for row in rows
-            if row.get("entropy_rare_vs_common")
-        ]
+        aucs = _separations(by_seed, "entropy")
+        key = SCORE_KEY.get(strategy)
+        own = _separations(by_seed, key) if key else []
         later = [n for n in labels if n > labels[0]]
         table[strategy] = {
             "labels": labels,
-            "mean_dice_over_rounds": float(np.mean([mean[n] for n in later])) if later else None,
-            "mean_dice": mean,
-            "std_dice": std,
+            f"mean_{m}_over_rounds": float(np.mean([mean[n] for n in later])) if later else None,
+            f"mean_{m}": mean,
+            f"std_{m}": std,
             "labels_to_target": labels_to_reach(mean, target),
             "labels_to_target_per_seed": per_seed,
             "rare_fraction_picked": float(np.mean([p["rare"] for p in picked])) if picked else None,
             "entropy_auc_rare_vs_common": float(np.mean(aucs)) if aucs else None,
-            "final_dice_rare": float(np.mean([rows[-1]["dice_rare"] for rows in by_seed.values()])),
+            "score_auc_rare_vs_common": float(np.mean(own)) if own else None,
+            f"final_{m}_rare": float(np.nanmean([rows[-1][f"{m}_rare"] for rows in by_seed.values()])),
         }
     base = table.get("random", {}).get("labels_to_target")
     for row in table.values():
         own = row["labels_to_target"]
         row["relative_to_random"] = (own / base) if (own is not None and base) else None
-    return {"reference_dice": ref, "target_dice": target, "fraction": fraction, "strategies": table}
+    return {f"reference_{m}": ref, f"target_{m}": target, "fraction": fraction, "metric": m, "strategies": table}
+
+
+def _separations(by_seed: Dict[int, List[Dict]], key: str) -> List[float]:
+    """Every round's AUC of the score ``key`` for the rare subgroup against the rest."""
+    name = f"{key}_rare_vs_common"
+    return [row[name][f"auc_{key}_rare"] for rows in by_seed.values() for row in rows if row.get(name)]
 
 
 def at_labels(curve: Dict[Any, float], n: int) -> float:
@@ -336,23 +361,27 @@ def at_labels(curve: Dict[Any, float], n: int) -> float:
     return curve[n] if n in curve else curve[str(n)]
 
 
-def plot(summary: Dict[str, Any], reference: List[Dict], out: Path, title: str) -> None:
+def plot(summary: Dict[str, Any], out: Path, title: str, ylabel: str = "held-out mean Dice") -> None:
+    """Learning curves: the mean of the summary's metric per strategy with its spread over seeds, the all-labels
+    reference and the target."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metric = summary.get("metric", "dice")
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for name, row in summary["strategies"].items():
         x = np.array(row["labels"])
-        m = np.array([at_labels(row["mean_dice"], n) for n in row["labels"]])
-        s = np.array([at_labels(row["std_dice"], n) for n in row["labels"]])
+        m = np.array([at_labels(row[f"mean_{metric}"], n) for n in row["labels"]])
+        s = np.array([at_labels(row[f"std_{metric}"], n) for n in row["labels"]])
         (line,) = ax.plot(x, m, "o-", label=name, lw=2 if name != "random" else 2.5)
         ax.fill_between(x, m - s, m + s, color=line.get_color(), alpha=0.15)
-    ax.axhline(summary["reference_dice"], color="k", ls="--", lw=1, label="all labels")
-    ax.axhline(summary["target_dice"], color="gray", ls=":", lw=1, label=f"{summary['fraction']:.0%} of all labels")
+    ax.axhline(summary[f"reference_{metric}"], color="k", ls="--", lw=1, label="all labels")
+    target = f"{summary['fraction']:.0%} of all labels"
+    ax.axhline(summary[f"target_{metric}"], color="gray", ls=":", lw=1, label=target)
     ax.set_xlabel("labeled cases")
-    ax.set_ylabel("held-out mean Dice")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     ax.set_title(title, fontsize=10)
@@ -380,8 +409,9 @@ def markdown(result: Dict[str, Any]) -> str:
         f"Dice **{s['reference_dice']:.3f}**; target = {s['fraction']:.0%} of it = {s['target_dice']:.3f}.",
         "",
         "| strategy | labels to reach the target | relative to random | per seed | mean Dice over rounds | "
-        f"final Dice | final Dice on {rare} | {rare} among picks | entropy AUC {rare} vs the rest |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"final Dice | final Dice on {rare} | {rare} among picks | entropy AUC {rare} vs the rest | "
+        f"AUC of the strategy's own score |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def fmt(v, spec=".1f", missing="not reached"):
@@ -396,7 +426,8 @@ def markdown(result: Dict[str, Any]) -> str:
             f"{at_labels(row['mean_dice'], last):.3f} +- {at_labels(row['std_dice'], last):.3f} | "
             f"{row['final_dice_rare']:.3f} | "
             f"{fmt(row['rare_fraction_picked'], '.0%')} | "
-            f"{fmt(row['entropy_auc_rare_vs_common'], '.2f', 'not scored')} |"
+            f"{fmt(row['entropy_auc_rare_vs_common'], '.2f', 'not scored')} | "
+            f"{fmt(row.get('score_auc_rare_vs_common'), '.2f', '-')} |"
         )
     lines += ["", "![learning curves](active_learning.png)", "", *result.get("notes", [])]
     return "\n".join(lines) + "\n"
@@ -439,9 +470,9 @@ def main(argv=None) -> int:
     )
     args = ap.parse_args(argv)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    unknown = [s for s in strategies if s not in STRATEGIES]
+    unknown = [s for s in strategies if s not in SEG_STRATEGIES]
     if unknown or "random" not in strategies:
-        ap.error(f"strategies must include random and come from {STRATEGIES}; got {unknown or strategies}")
+        ap.error(f"strategies must include random and come from {SEG_STRATEGIES}; got {unknown or strategies}")
 
     torch.set_num_threads(args.threads)
     start = time.time()
@@ -527,7 +558,7 @@ def write_results(args, argv, start, results, reference, pool, heldout, scorer) 
     }
     args.out.mkdir(parents=True, exist_ok=True)
     title = f"{args.pool}-case pool, {done} seeds, {args.steps} steps/round (mean +- std over seeds)"
-    plot(summary, reference, args.out / "active_learning.png", title)
+    plot(summary, args.out / "active_learning.png", title)
     (args.out / "active_learning.json").write_text(json.dumps(result, indent=1, default=float))
     (args.out / "active_learning.md").write_text(markdown(result))
     return result

@@ -27,3 +27,44 @@ def test_auc_interval_brackets_the_auc_and_collapses_when_the_classes_separate()
     assert lo < pair_auc(pos, neg) < hi and hi - lo < 0.4
     assert auc_interval([0.9, 0.8, 0.95], [0.1, 0.2]) == [1.0, 1.0]
     assert auc_interval([], [0.1]) is None
+
+
+def test_study_summary_counts_labels_to_the_target_on_any_metric_and_relative_to_random():
+    from active_learning import labels_to_reach, summarise
+
+    # the target is 0.9 x 0.8 = 0.72: random's mean curve crosses it halfway from 4 to 8 labels, the other's at 4
+    rows = {
+        "random": {
+            0: [
+                {"labels": 2, "auc": 0.5, "auc_rare": 0.5},
+                {"labels": 4, "auc": 0.6, "auc_rare": 0.5},
+                {"labels": 8, "auc": 0.84, "auc_rare": 0.6},
+            ]
+        },
+        "cls_entropy": {
+            0: [
+                {"labels": 2, "auc": 0.5, "auc_rare": 0.5},
+                {"labels": 4, "auc": 0.72, "auc_rare": 0.7},
+                {"labels": 8, "auc": 0.8, "auc_rare": 0.8},
+            ]
+        },
+    }
+    summary = summarise(rows, [{"auc": 0.8}], 0.9, metric="auc")
+    assert summary["target_auc"] == pytest.approx(0.72) and summary["metric"] == "auc"
+    random_row, entropy_row = summary["strategies"]["random"], summary["strategies"]["cls_entropy"]
+    assert random_row["labels_to_target"] == pytest.approx(6.0)
+    assert entropy_row["labels_to_target"] == pytest.approx(4.0)
+    assert entropy_row["relative_to_random"] == pytest.approx(4.0 / 6.0)
+    assert entropy_row["final_auc_rare"] == pytest.approx(0.8) and random_row["mean_auc"][8] == pytest.approx(0.84)
+    assert labels_to_reach({2: 0.1, 4: 0.2}, 0.5) is None
+
+
+def test_binary_uncertainty_measures_rank_images_alike():
+    """Why the classification study runs one of them: for two classes each falls as the top probability rises."""
+    from labelloop_app.uncertainty import MEASURES
+
+    top = np.random.default_rng(0).permutation(np.linspace(0.5, 0.99, 50))
+    for lesion_first in (True, False):
+        probs = np.stack([top, 1.0 - top] if lesion_first else [1.0 - top, top])
+        for name, fn in MEASURES.items():
+            assert np.array_equal(np.argsort(-fn(probs), kind="stable"), np.argsort(top, kind="stable")), name
