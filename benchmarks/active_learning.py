@@ -43,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -111,6 +111,29 @@ def build_cohort(
 # ------------------------------------------------------------------------------------------------------------------
 # training and evaluation with the project's SegmentationTrain pieces
 # ------------------------------------------------------------------------------------------------------------------
+def train_steps(
+    network: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    steps: int,
+    draw: Callable[[], List[Dict[str, torch.Tensor]]],
+) -> float:
+    """``steps`` optimizer steps, each on the crops ``draw()`` returns, with the server's polynomial learning-rate
+    decay over them (so that each round ends on a settled model); the seconds taken."""
+    schedule = PolyLR(optimizer)
+    network.train()
+    t0 = time.time()
+    for step in range(steps):
+        schedule.set_progress(step / steps)
+        crops = draw()
+        image = torch.stack([c["image"] for c in crops])
+        label = torch.stack([c["label"] for c in crops])
+        optimizer.zero_grad(set_to_none=True)
+        loss(network(image), label).backward()
+        optimizer.step()
+    return time.time() - t0
+
+
 class Trainer:
     """The SegmentationTrain task's transforms, loss, optimizer and learning-rate decay in a plain loop with a fixed
     step budget (no ignite engine, no checkpoint files: the study trains hundreds of short rounds)."""
@@ -136,19 +159,9 @@ class Trainer:
         """``steps`` optimizer steps, each on ``num_samples`` random crops of one random labeled case, with the
         server's polynomial learning-rate decay over the round."""
         optimizer = self.task.optimizer(SimpleNamespace(request={"learning_rate": self.lr}, network=network))
-        schedule = PolyLR(optimizer)  # the server's decay, so that each round ends on a settled model
-        network.train()
-        t0 = time.time()
-        for step in range(steps):
-            schedule.set_progress(step / steps)
-            crops = self.train_ds[self.index[rng.choice(list(labeled))]]
-            image = torch.stack([c["image"] for c in crops])
-            label = torch.stack([c["label"] for c in crops])
-            optimizer.zero_grad(set_to_none=True)
-            loss = self.loss(network(image), label)
-            loss.backward()
-            optimizer.step()
-        return time.time() - t0
+        return train_steps(
+            network, optimizer, self.loss, steps, lambda: self.train_ds[self.index[rng.choice(list(labeled))]]
+        )
 
     def evaluate(self, network: torch.nn.Module) -> Dict[str, Any]:
         """Held-out Dice per organ at the training spacing (organs absent from a case are not counted)."""
@@ -290,6 +303,65 @@ def _separation(
         return {}
     auc = float(np.mean([(r > c) + 0.5 * (r == c) for r in rare for c in common]))
     return {f"auc_{key}_rare": round(auc, 3), "mean_rare": float(np.mean(rare)), "mean_common": float(np.mean(common))}
+
+
+def study_seeds(
+    trainer,
+    scorer,
+    images: Dict[str, Any],
+    cases: Dict[str, Dict],
+    strategies: Sequence[str],
+    args: argparse.Namespace,
+    results: Dict[str, Dict[int, List[Dict]]],
+    reference: List[Dict],
+    initial: Callable[[int], List[str]],
+    save: Callable[[], Any],
+    metric: str = "dice",
+) -> None:
+    """Every seed not yet in ``reference``: a warm start on ``initial(seed)``, one :func:`run` per strategy from it,
+    and the all-labels reference (the warm start fine-tuned on every pool case for the same total steps); ``save``
+    after each seed, so that an interrupted study keeps its finished seeds."""
+    total_steps = args.steps * math.ceil((args.max_labels - args.initial) / args.batch)
+    for seed in range(len(reference), args.seeds):
+        first = initial(seed)
+        torch.manual_seed(seed)
+        warm = trainer.new_network()
+        t0 = time.time()
+        trainer.train(warm, first, args.warmup_steps, random.Random(seed))
+        print(f"seed {seed}: initial {first}, warm start in {time.time() - t0:.0f}s", flush=True)
+        for strategy in strategies:
+            results[strategy][seed] = run(strategy, seed, warm, first, trainer, scorer, images, cases, args, metric)
+        full = copy.deepcopy(warm)
+        torch.manual_seed(1000 * seed + 17)
+        trainer.train(full, sorted(cases), total_steps, random.Random(seed))
+        reference.append({"seed": seed, **trainer.evaluate(full)})
+        print(f"seed {seed}: all {len(cases)} labels -> {metric} {reference[-1][metric]:.3f}", flush=True)
+        save()
+
+
+def study_arguments(ap: argparse.ArgumentParser, **defaults: Any) -> None:
+    """The options both studies take; ``defaults`` overrides their defaults (e.g. ``steps=300``)."""
+    d = {"seeds": 3, "initial": 2, "batch": 2, "max_labels": 14, "warmup_steps": 600, "steps": 200, "lr": 1e-3}
+    d.update(defaults)
+    ap.add_argument("--seeds", type=int, default=d["seeds"])
+    ap.add_argument("--initial", type=int, default=d["initial"], help="labeled cases at the start")
+    ap.add_argument("--batch", type=int, default=d["batch"], help="cases labeled per round")
+    ap.add_argument("--max-labels", type=int, default=d["max_labels"])
+    ap.add_argument("--warmup-steps", type=int, default=d["warmup_steps"])
+    ap.add_argument("--steps", type=int, default=d["steps"], help="fine-tuning steps per round")
+    ap.add_argument("--lr", type=float, default=d["lr"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fraction", type=float, default=0.95, help="target: this fraction of the all-labels result")
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+
+
+def parse_strategies(ap: argparse.ArgumentParser, text: str, allowed: Sequence[str]) -> List[str]:
+    """The comma-separated strategies, which must include random and come from ``allowed``."""
+    strategies = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in strategies if s not in allowed]
+    if unknown or "random" not in strategies:
+        ap.error(f"strategies must include random and come from {tuple(allowed)}; got {unknown or strategies}")
+    return strategies
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -437,7 +509,6 @@ def markdown(result: Dict[str, Any]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--strategies", default="random,entropy,diversity,hybrid")
-    ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--pool", type=int, default=24)
     ap.add_argument("--heldout", type=int, default=16)
     ap.add_argument("--rare", choices=RARE, default="hard", help="the subgroup: hard cases or native-phase cases")
@@ -448,20 +519,12 @@ def main(argv=None) -> int:
         help="every Nth pool case is in the subgroup (default 4, as hard cases in the sample data)",
     )
     ap.add_argument("--heldout-rare-every", type=int, default=4, help="the same for the held-out cases")
-    ap.add_argument("--initial", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--max-labels", type=int, default=14)
-    ap.add_argument("--warmup-steps", type=int, default=600)
-    ap.add_argument("--steps", type=int, default=200, help="fine-tuning steps per round")
     ap.add_argument("--spacing", type=float, default=6.0, help="training spacing in mm (isotropic)")
     ap.add_argument("--roi", default="32,32,32")
     ap.add_argument("--mc-samples", type=int, default=8)
     ap.add_argument("--scoring-spacing-factor", type=float, default=2.0, help="as --conf scoring_spacing_factor")
     ap.add_argument("--hybrid-pool", type=float, default=0.5)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--fraction", type=float, default=0.95, help="target: this fraction of the all-labels Dice")
-    ap.add_argument("--out", type=Path, default=HERE / "results")
+    study_arguments(ap)
     ap.add_argument(
         "--resume",
         type=Path,
@@ -469,10 +532,7 @@ def main(argv=None) -> int:
         "--seeds run (to add seeds to a recorded study)",
     )
     args = ap.parse_args(argv)
-    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    unknown = [s for s in strategies if s not in SEG_STRATEGIES]
-    if unknown or "random" not in strategies:
-        ap.error(f"strategies must include random and come from {SEG_STRATEGIES}; got {unknown or strategies}")
+    strategies = parse_strategies(ap, args.strategies, SEG_STRATEGIES)
 
     torch.set_num_threads(args.threads)
     start = time.time()
@@ -500,23 +560,18 @@ def main(argv=None) -> int:
             results, reference, minutes = resume(args.resume, args)
             start -= 60.0 * minutes
             print(f"resumed {len(reference)} seed(s) from {args.resume}", flush=True)
-        total_steps = args.steps * math.ceil((args.max_labels - args.initial) / args.batch)
-        for seed in range(len(reference), args.seeds):
-            rng = random.Random(seed)
-            initial = rng.sample(sorted(cases), args.initial)
-            torch.manual_seed(seed)
-            warm = trainer.new_network()
-            t0 = time.time()
-            trainer.train(warm, initial, args.warmup_steps, random.Random(seed))
-            print(f"seed {seed}: initial {initial}, warm start in {time.time() - t0:.0f}s", flush=True)
-            for strategy in strategies:
-                results[strategy][seed] = run(strategy, seed, warm, initial, trainer, scorer, images, cases, args)
-            full = copy.deepcopy(warm)
-            torch.manual_seed(1000 * seed + 17)
-            trainer.train(full, sorted(cases), total_steps, random.Random(seed))
-            reference.append({"seed": seed, **trainer.evaluate(full)})
-            print(f"seed {seed}: all {len(cases)} labels -> dice {reference[-1]['dice']:.3f}", flush=True)
-            write_results(args, argv, start, results, reference, pool, heldout, scorer)
+        study_seeds(
+            trainer,
+            scorer,
+            images,
+            cases,
+            strategies,
+            args,
+            results,
+            reference,
+            initial=lambda seed: random.Random(seed).sample(sorted(cases), args.initial),
+            save=lambda: write_results(args, argv, start, results, reference, pool, heldout, scorer),
+        )
 
     print(markdown(write_results(args, argv, start, results, reference, pool, heldout, scorer)))
     return 0
@@ -535,33 +590,57 @@ def resume(path: Path, args: argparse.Namespace) -> Tuple[Dict[str, Dict[int, Li
     return runs, list(previous["reference"]), float(previous.get("minutes", 0.0))
 
 
-def write_results(args, argv, start, results, reference, pool, heldout, scorer) -> Dict[str, Any]:
-    """Write the JSON, Markdown and PNG for the seeds finished so far (called after every seed)."""
+def write_study(
+    name: str,
+    args: argparse.Namespace,
+    argv,
+    start: float,
+    results: Dict[str, Dict[int, List[Dict]]],
+    reference: List[Dict],
+    pool: List[Dict],
+    config: Dict[str, Any],
+    render: Callable[[Dict[str, Any]], str],
+    metric: str = "dice",
+    ylabel: str = "held-out mean Dice",
+    extra: Optional[Callable[[Dict[str, Dict[int, List[Dict]]]], Dict[str, Any]]] = None,
+) -> Dict[str, Any]:
+    """Write ``<name>.{json,md,png}`` to ``args.out`` for the seeds finished so far (called after every seed):
+    the runs, the all-labels references, the summary, the learning curves and the Markdown from ``render``.
+    ``config`` and ``extra(runs)`` add the study's own fields."""
     done = len(reference)
     results = {s: {k: v for k, v in by_seed.items() if k < done} for s, by_seed in results.items()}
-    summary = summarise(results, reference, args.fraction)
+    summary = summarise(results, reference, args.fraction, metric)
     result = {
-        "command": command("active_learning.py", argv),
+        "command": command(f"{name}.py", argv),
         "machine": machine(),
         "minutes": (time.time() - start) / 60.0,
         "config": {
             **{k: v for k, v in vars(args).items() if k not in ("out", "resume")},
             "seeds": list(range(done)),
-            "pool_rare": sum(c["rare"] for c in pool),
-            "heldout_rare": sum(c["rare"] for c in heldout),
-            "scoring_spacing": list(scorer.spacing),
+            **config,
         },
         "summary": summary,
+        **(extra(results) if extra else {}),
         "reference": reference,
         "runs": results,
         "cases": [{k: v for k, v in c.items() if k not in ("image", "label")} for c in pool],
     }
     args.out.mkdir(parents=True, exist_ok=True)
     title = f"{args.pool}-case pool, {done} seeds, {args.steps} steps/round (mean +- std over seeds)"
-    plot(summary, args.out / "active_learning.png", title)
-    (args.out / "active_learning.json").write_text(json.dumps(result, indent=1, default=float))
-    (args.out / "active_learning.md").write_text(markdown(result))
+    plot(summary, args.out / f"{name}.png", title, ylabel)
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1, default=float))
+    (args.out / f"{name}.md").write_text(render(result))
     return result
+
+
+def write_results(args, argv, start, results, reference, pool, heldout, scorer) -> Dict[str, Any]:
+    """This study's results so far."""
+    config = {
+        "pool_rare": sum(c["rare"] for c in pool),
+        "heldout_rare": sum(c["rare"] for c in heldout),
+        "scoring_spacing": list(scorer.spacing),
+    }
+    return write_study("active_learning", args, argv, start, results, reference, pool, config, markdown)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,6 @@ Writes ``active_learning_classification.{json,md,png}`` to ``--out``.
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import math
 import random
 import sys
@@ -37,9 +35,16 @@ from typing import Any, Dict, List, Sequence
 import numpy as np
 import SimpleITK as sitk
 import torch
-from active_learning import CLS_STRATEGIES, at_labels, plot, run, summarise
+from active_learning import (
+    CLS_STRATEGIES,
+    at_labels,
+    parse_strategies,
+    study_arguments,
+    study_seeds,
+    train_steps,
+    write_study,
+)
 from classification import pair_auc
-from common import command, machine
 from monai.data import CacheDataset
 from monai.transforms import Compose
 from tqdm import tqdm
@@ -57,7 +62,6 @@ from labelloop_app.detector import (
 from labelloop_app.networks import classification_network
 from labelloop_app.synthetic import class_label_document, cohort_plan, make_lesion_phantom
 from labelloop_app.train_detector import DetectorTrain
-from labelloop_app.training import PolyLR
 
 HERE = Path(__file__).resolve().parent
 NAME = "active_learning_classification"
@@ -115,21 +119,15 @@ class DetectorTrainer:
         """``steps`` optimizer steps of ``batch_size`` patches, drawn from the labeled cases class by class in turn
         (as the server's balanced sampler draws them), then the evidence calibration on the labeled cases."""
         optimizer = self.task.optimizer(SimpleNamespace(request={"learning_rate": self.lr}, network=network))
-        schedule = PolyLR(optimizer)
         by_class = [[i for i in labeled if self.cases[i]["label"] == k] for k in (0, 1)]
         by_class = [ids for ids in by_class if ids]
-        network.train()
-        t0 = time.time()
-        for step in range(steps):
-            schedule.set_progress(step / steps)
+
+        def draw() -> list:
             draws = [rng.choice(by_class[j % len(by_class)]) for j in range(self.conf.batch_size)]
-            patches = [p for i in draws for p in _as_list(self.train_ds[self.index[i]])]
-            image = torch.stack([p["image"] for p in patches])
-            label = torch.stack([p["label"] for p in patches])
-            optimizer.zero_grad(set_to_none=True)
-            loss = self.loss(network(image), label)
-            loss.backward()
-            optimizer.step()
+            return [p for i in draws for p in _as_list(self.train_ds[self.index[i]])]
+
+        t0 = time.time()
+        train_steps(network, optimizer, self.loss, steps, draw)
         self.calibrate(network, labeled)
         return time.time() - t0
 
@@ -242,58 +240,32 @@ def markdown(result: Dict[str, Any]) -> str:
 
 
 def write_results(args, argv, start, results, reference, pool, heldout) -> Dict[str, Any]:
-    """Write the JSON, Markdown and PNG for the seeds finished so far (called after every seed)."""
-    done = len(reference)
-    results = {s: {k: v for k, v in by_seed.items() if k < done} for s, by_seed in results.items()}
-    summary = summarise(results, reference, args.fraction, metric="auc")
-    cases = {c["id"]: c for c in pool}
-    result = {
-        "command": command(f"{NAME}.py", argv),
-        "machine": machine(),
-        "minutes": (time.time() - start) / 60.0,
-        "config": {
-            **{k: v for k, v in vars(args).items() if k != "out"},
-            "seeds": list(range(done)),
-            "pool_lesion": sum(c["label"] for c in pool),
-            "pool_rare": sum(c["rare"] for c in pool),
-            "heldout_lesion": sum(c["label"] for c in heldout),
-            "heldout_rare": sum(c["rare"] for c in heldout),
-        },
-        "summary": summary,
-        "picked": {name: picked_kinds(by_seed, cases) for name, by_seed in results.items()},
-        "reference": reference,
-        "runs": results,
-        "cases": [{k: v for k, v in c.items() if k != "image"} for c in pool],
+    """This study's results so far, with what each strategy picked."""
+    config = {
+        "pool_lesion": sum(c["label"] for c in pool),
+        "pool_rare": sum(c["rare"] for c in pool),
+        "heldout_lesion": sum(c["label"] for c in heldout),
+        "heldout_rare": sum(c["rare"] for c in heldout),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    title = f"{args.pool}-case pool, {done} seeds, {args.steps} steps/round (mean +- std over seeds)"
-    plot(summary, args.out / f"{NAME}.png", title, ylabel="held-out ROC AUC")
-    (args.out / f"{NAME}.json").write_text(json.dumps(result, indent=1, default=float))
-    (args.out / f"{NAME}.md").write_text(markdown(result))
-    return result
+    cases = {c["id"]: c for c in pool}
+
+    def picked(runs):
+        return {"picked": {name: picked_kinds(by_seed, cases) for name, by_seed in runs.items()}}
+
+    return write_study(
+        NAME, args, argv, start, results, reference, pool, config, markdown, "auc", "held-out ROC AUC", picked
+    )
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--strategies", default="random,cls_entropy")
-    ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--pool", type=int, default=64)
     ap.add_argument("--heldout", type=int, default=64)
-    ap.add_argument("--initial", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--max-labels", type=int, default=40)
-    ap.add_argument("--warmup-steps", type=int, default=600)
-    ap.add_argument("--steps", type=int, default=300, help="fine-tuning steps per round")
     ap.add_argument("--batch-size", type=int, default=4, help="patches per step (the task's cls_batch_size)")
-    ap.add_argument("--lr", type=float, default=DetectorTrain.default_lr)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--fraction", type=float, default=0.95, help="target: this fraction of the all-labels AUC")
-    ap.add_argument("--out", type=Path, default=HERE / "results")
+    study_arguments(ap, initial=8, batch=8, max_labels=40, warmup_steps=600, steps=300, lr=DetectorTrain.default_lr)
     args = ap.parse_args(argv)
-    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    unknown = [s for s in strategies if s not in CLS_STRATEGIES]
-    if unknown or "random" not in strategies:
-        ap.error(f"strategies must include random and come from {CLS_STRATEGIES}; got {unknown or strategies}")
+    strategies = parse_strategies(ap, args.strategies, CLS_STRATEGIES)
 
     torch.set_num_threads(args.threads)
     start = time.time()
@@ -309,25 +281,20 @@ def main(argv=None) -> int:
 
         results: Dict[str, Dict[int, List[Dict]]] = {s: {} for s in strategies}
         reference: List[Dict] = []
-        total_steps = args.steps * math.ceil((args.max_labels - args.initial) / args.batch)
-        ids = {i: i for i in cases}  # run() hands the scorer an image per id; the trainer keeps the volumes
-        for seed in range(args.seeds):
-            initial = initial_cases(cases, args.initial, random.Random(seed))
-            torch.manual_seed(seed)
-            warm = trainer.new_network()
-            t0 = time.time()
-            trainer.train(warm, initial, args.warmup_steps, random.Random(seed))
-            print(f"seed {seed}: initial {initial}, warm start in {time.time() - t0:.0f}s", flush=True)
-            for strategy in strategies:
-                results[strategy][seed] = run(
-                    strategy, seed, warm, initial, trainer, scorer, ids, cases, args, metric="auc"
-                )
-            full = copy.deepcopy(warm)
-            torch.manual_seed(1000 * seed + 17)
-            trainer.train(full, sorted(cases), total_steps, random.Random(seed))
-            reference.append({"seed": seed, **trainer.evaluate(full)})
-            print(f"seed {seed}: all {len(cases)} labels -> auc {reference[-1]['auc']:.3f}", flush=True)
-            write_results(args, argv, start, results, reference, pool, heldout)
+        images = {i: i for i in cases}  # run() hands the scorer an image per id; the trainer keeps the volumes
+        study_seeds(
+            trainer,
+            scorer,
+            images,
+            cases,
+            strategies,
+            args,
+            results,
+            reference,
+            initial=lambda seed: initial_cases(cases, args.initial, random.Random(seed)),
+            save=lambda: write_results(args, argv, start, results, reference, pool, heldout),
+            metric="auc",
+        )
 
     print(markdown(write_results(args, argv, start, results, reference, pool, heldout)))
     return 0
