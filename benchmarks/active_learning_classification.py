@@ -1,6 +1,6 @@
 """Simulated annotation study for classification: how many class labels uncertainty sampling needs, against random.
 
-    python benchmarks/active_learning_classification.py --seeds 3      # the recorded study (see the results)
+    python benchmarks/active_learning_classification.py --seeds 4      # the recorded study (about 1 h 50 min on 2 cores)
 
 The classification counterpart of ``active_learning.py``, with the same loop, strategy classes, leases and summary:
 an oracle plays the annotators. The pool is ``--pool`` lesion phantoms of the generator's ``cls`` cohort and the
