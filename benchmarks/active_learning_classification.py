@@ -1,6 +1,8 @@
 """Simulated annotation study for classification: how many class labels uncertainty sampling needs, against random.
 
-    python benchmarks/active_learning_classification.py --seeds 4      # the recorded study (about 1 h 50 min on 2 cores)
+    python benchmarks/active_learning_classification.py --seeds 4
+
+That is the recorded study (111 min on 2 cores, its first hour beside another benchmark).
 
 The classification counterpart of ``active_learning.py``, with the same loop, strategy classes, leases and summary:
 an oracle plays the annotators. The pool is ``--pool`` lesion phantoms of the generator's ``cls`` cohort and the
