@@ -35,7 +35,6 @@ from types import SimpleNamespace
 from typing import Any, Dict, List, Sequence
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 from active_learning import (
     CLS_STRATEGIES,
@@ -46,10 +45,9 @@ from active_learning import (
     train_steps,
     write_study,
 )
-from classification import pair_auc
+from classification import generated_cases, pair_auc
 from monai.data import CacheDataset
 from monai.transforms import Compose
-from tqdm import tqdm
 
 from labelloop_app.activelearning.classification import class_uncertainty
 from labelloop_app.conf import ClassificationConf
@@ -62,7 +60,7 @@ from labelloop_app.detector import (
     image_evidence,
 )
 from labelloop_app.networks import classification_network
-from labelloop_app.synthetic import class_label_document, cohort_plan, make_lesion_phantom
+from labelloop_app.synthetic import class_label_document
 from labelloop_app.train_detector import DetectorTrain
 
 HERE = Path(__file__).resolve().parent
@@ -73,11 +71,8 @@ def build_cohort(folder: Path, kind: str, n: int, seed: int) -> List[Dict[str, A
     """Render ``n`` cases of the generator's ``kind`` cohort; each with its class index, findings and kind of
     lesion (``rare``: near the detection limit)."""
     cases = []
-    for plan in tqdm(cohort_plan(kind, n, seed=seed), desc=f"rendering {kind}"):
-        image_id = plan.pop("id")
-        image, info = make_lesion_phantom(**plan)
-        path = folder / f"{image_id}.nii.gz"
-        sitk.WriteImage(image, str(path), True)
+    for path, info in generated_cases(kind, n, folder, f"rendering {kind}", seed=seed, prefix=""):
+        image_id = path.name[: -len(".nii.gz")]
         doc = class_label_document(info["class"], info)
         cases.append(
             {

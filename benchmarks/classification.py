@@ -64,13 +64,13 @@ def prepare_studies(sample: Path, root: Path, extra: int = 0) -> Path:
     return studies
 
 
-def generated_cases(kind: str, n: int, folder: Path, desc: str) -> list:
-    """(image path, truth) of ``n`` cases of the generator's ``kind`` cohort with seed 1 (independent of the sample
-    data), written to ``folder`` as ``extra_<id>.nii.gz``."""
+def generated_cases(kind: str, n: int, folder: Path, desc: str, seed: int = 1, prefix: str = "extra_") -> list:
+    """(image path, truth) of ``n`` cases of the generator's ``kind`` cohort with ``seed`` (by default 1, independent
+    of the sample data), written to ``folder`` as ``<prefix><id>.nii.gz``."""
     folder.mkdir(parents=True, exist_ok=True)
     cases = []
-    for case in tqdm(cohort_plan(kind, n, seed=1), desc=desc, disable=not n):
-        path = folder / f"extra_{case.pop('id')}.nii.gz"
+    for case in tqdm(cohort_plan(kind, n, seed=seed), desc=desc, disable=not n):
+        path = folder / f"{prefix}{case.pop('id')}.nii.gz"
         image, info = make_lesion_phantom(**case)
         sitk.WriteImage(image, str(path), useCompression=True)
         cases.append((path, info))
