@@ -306,10 +306,10 @@ def test_classification_strategies_rank_stored_class_uncertainty(tmp_path):
     model.write_bytes(b"weights")
     version = ModelFile(str(model)).version()
     stored = {
-        "cls_0": {"entropy": 0.99, "margin": 0.99, "least_confidence": 0.99},  # has a class: never offered
-        "cls_1": {"entropy": 0.20, "margin": 0.90, "least_confidence": 0.10},
-        "cls_2": {"entropy": 0.80, "margin": 0.30, "least_confidence": 0.50},
-        "cls_3": {"entropy": 0.50, "margin": 0.60, "least_confidence": 0.70},
+        "cls_0": {"entropy": 0.99, "margin": 0.99, "least_confidence": 0.99, "finding": 0.99},  # has a class
+        "cls_1": {"entropy": 0.20, "margin": 0.90, "least_confidence": 0.10, "finding": 0.95},
+        "cls_2": {"entropy": 0.80, "margin": 0.30, "least_confidence": 0.50, "finding": 0.10},
+        "cls_3": {"entropy": 0.50, "margin": 0.60, "least_confidence": 0.70, "finding": 0.30},
     }
     for image_id, scores in stored.items():
         ds.update_image_info(image_id, {"labelloop_scores": {"classification": {**scores, "model_version": version}}})
@@ -318,8 +318,8 @@ def test_classification_strategies_rank_stored_class_uncertainty(tmp_path):
     )
     manager._model_files["classification"] = ModelFile(str(model))
     strategies = manager.strategies()
-    assert {"cls_entropy", "cls_margin", "cls_least_confidence"} <= set(strategies)
-    best = {"cls_entropy": "cls_2", "cls_margin": "cls_1", "cls_least_confidence": "cls_3"}
+    assert {"cls_entropy", "cls_margin", "cls_least_confidence", "cls_finding"} <= set(strategies)
+    best = {"cls_entropy": "cls_2", "cls_margin": "cls_1", "cls_least_confidence": "cls_3", "cls_finding": "cls_1"}
     for name, expected in best.items():
         answer = strategies[name]({"strategy": name, "client_id": "x"}, ds)
         assert answer["id"] == expected and answer["model_version"] == version == answer["current_model_version"]

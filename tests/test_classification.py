@@ -243,6 +243,37 @@ def test_inference_returns_a_distribution_version_and_uncertainty(cls_trained):
     assert "explanation" not in result
 
 
+def test_scoring_stores_class_uncertainty_and_finding_and_cls_finding_ranks_by_it(cls_trained):
+    """Classification scoring on the real server stores, per image without a class label, the uncertainty the task
+    reports and ``finding`` = 1 - p(normal); ``cls_finding`` queues the most likely finding first, a second run
+    skips what the current model scored, and the strategy hands out its first image under a lease."""
+    server = cls_trained.server
+    r = server.post("/scoring/classification?run_sync=true")
+    assert r.status_code == 200, r.text
+    result = r.json()["result"]
+    labeled = server.get("/labelloop/classes").json()["labels"]
+    unlabeled = [i for i in datastore_json(server.studies)["objects"] if i not in labeled]
+    assert result["scored"] == len(unlabeled) > 0 and result["skipped"] == 0
+    version = server.info()["models"]["classification"]["model_version"]
+    assert result["model_version"] == version
+    queue = server.get("/labelloop/queue?strategy=cls_finding&k=100").json()
+    items = queue["items"]
+    assert sorted(item["id"] for item in items) == sorted(unlabeled)
+    findings = [item["score"] for item in items]
+    assert findings == sorted(findings, reverse=True) and all(item["score_name"] == "finding" for item in items)
+    assert all(item["scores"]["model_version"] == version for item in items)
+    top = items[0]
+    probs = server.post(f"/infer/classification?image={top['id']}&output=json").json()["probabilities"]
+    assert top["score"] == pytest.approx(1.0 - probs["normal"], abs=1e-6)
+    for name, fn in MEASURES.items():
+        assert top["scores"][name] == pytest.approx(float(fn(np.array(list(probs.values())))), abs=1e-6)
+    again = server.post("/scoring/classification?run_sync=true").json()["result"]
+    assert again["scored"] == 0 and again["skipped"] == len(unlabeled)
+    answer = server.post("/activelearning/cls_finding", json={"client_id": "reader"}).json()
+    assert answer["id"] == top["id"] and answer["score_name"] == "finding" and answer["lease"]
+    assert server.delete(f"/labelloop/lease?image={top['id']}&client_id=reader").status_code == 200
+
+
 def test_explanation_map_of_a_stored_image_has_its_exact_geometry(cls_trained, tmp_path):
     server = cls_trained.server
     r = server.post(

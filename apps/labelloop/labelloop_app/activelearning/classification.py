@@ -1,5 +1,6 @@
 """Classification scores for active learning: the class-probability uncertainty the ``classification`` infer task
-already reports (``"uncertainty": {"entropy", "margin", "least_confidence"}`` in its result), stored per image like
+already reports (``"uncertainty": {"entropy", "margin", "least_confidence"}`` in its result) and how likely the image
+shows a finding (``finding``: one minus the probability of the first class, the normal one), stored per image like
 the segmentation scores so that the same strategies, leases and queue serve both tasks."""
 
 from __future__ import annotations
@@ -22,22 +23,30 @@ from labelloop_app.uncertainty import MEASURES
 logger = logging.getLogger(__name__)
 
 TASK = "classification"
+FINDING = "finding"
+"""Score of the ``cls_finding`` strategy: one minus the probability of the first class (``normal`` in the default
+``normal,lesion``), the probability that the image shows any finding."""
+SCORES = (*MEASURES, FINDING)
 
 
 def class_uncertainty(result: Dict[str, Any]) -> Dict[str, float]:
-    """``entropy``, ``margin`` and ``least_confidence`` of one classification result: its ``uncertainty`` when the
-    task reports it, else computed from its class probabilities (``probabilities``/``probs``, a list or a
-    ``{class: p}`` object)."""
-    reported = result.get("uncertainty")
-    if isinstance(reported, dict) and all(k in reported for k in MEASURES):
-        return {k: round(float(reported[k]), 6) for k in MEASURES}
+    """``entropy``, ``margin`` and ``least_confidence`` of one classification result, and ``finding`` when it has
+    class probabilities (``probabilities``/``probs``, a list or a ``{class: p}`` object in the classes' order). The
+    uncertainty is the task's ``uncertainty`` when it reports it, else computed from the probabilities."""
     probs = result.get("probabilities", result.get("probs"))
     if isinstance(probs, dict):
         probs = list(probs.values())
-    if probs is None or len(probs) < 2:
+    p = np.asarray(probs, dtype=np.float64) if probs is not None and len(probs) >= 2 else None
+    reported = result.get("uncertainty")
+    if isinstance(reported, dict) and all(k in reported for k in MEASURES):
+        scores = {k: round(float(reported[k]), 6) for k in MEASURES}
+    elif p is not None:
+        scores = {name: round(float(fn(p)), 6) for name, fn in MEASURES.items()}
+    else:
         raise ValueError("the classification result has neither 'uncertainty' nor class probabilities")
-    p = np.asarray(probs, dtype=np.float64)
-    return {name: round(float(fn(p)), 6) for name, fn in MEASURES.items()}
+    if p is not None:
+        scores[FINDING] = round(float(1.0 - p[0]), 6)
+    return scores
 
 
 class ClassificationScoring(ScoringMethod):
@@ -64,7 +73,7 @@ class ClassificationScoring(ScoringMethod):
 
     def info(self) -> Dict[str, Any]:
         info = super().info()
-        info.update({"task": TASK, "scores": list(MEASURES), "max_images": self.max_images})
+        info.update({"task": TASK, "scores": list(SCORES), "max_images": self.max_images})
         return info
 
     def __call__(self, request: Dict[str, Any], datastore: Datastore) -> Dict[str, Any]:

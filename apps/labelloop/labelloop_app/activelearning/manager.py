@@ -13,7 +13,7 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
 from labelloop_app.activelearning.background import BackgroundScoring
-from labelloop_app.activelearning.classification import ClassificationScoring
+from labelloop_app.activelearning.classification import FINDING, ClassificationScoring
 from labelloop_app.activelearning.config import ActiveLearningConf
 from labelloop_app.activelearning.leases import Lease, LeaseBook
 from labelloop_app.activelearning.records import read_records
@@ -131,6 +131,14 @@ class ActiveLearning:
                     "classification",
                     *args,
                 )
+            s["cls_finding"] = ScoreStrategy(
+                "cls_finding",
+                "Classification: the image most likely to show a finding (lowest probability of the first, normal "
+                "class); a detector learns from findings, and a rare finding is what an annotator's time buys",
+                FINDING,
+                "classification",
+                *args,
+            )
         self._strategies = s
         return dict(s)
 
