@@ -70,7 +70,7 @@ from labelloop_app.training import PolyLR
 
 HERE = Path(__file__).resolve().parent
 SEG_STRATEGIES = ("random", "entropy", "tta", "diversity", "hybrid")
-CLS_STRATEGIES = ("random", "cls_entropy", "cls_margin", "cls_least_confidence")
+CLS_STRATEGIES = ("random", "cls_entropy", "cls_margin", "cls_least_confidence", "cls_finding")
 STRATEGIES = (*SEG_STRATEGIES, *CLS_STRATEGIES[1:])  # the index seeds each strategy's random stream
 UNCERTAIN = ("entropy", "tta", "hybrid", *CLS_STRATEGIES[1:])  # they need full scores of the unlabeled images
 SCORE_KEY = {"entropy": "entropy", "tta": "tta", "hybrid": "entropy", **{s: s[4:] for s in CLS_STRATEGIES[1:]}}
@@ -221,7 +221,7 @@ def run(
     """One strategy's annotation run from the seed's warm start: a row per round with the held-out ``metric``
     (a key of ``trainer.evaluate``'s result, as is ``<metric>_rare``) and the images picked."""
     rng = random.Random(1000 * seed + STRATEGIES.index(strategy))
-    torch.manual_seed(1000 * seed + 17)  # same training noise for every strategy of a seed
+    seed_training(trainer, 1000 * seed + 17)  # same training noise for every strategy of a seed
     network = copy.deepcopy(warm)
     labeled = list(initial)
     state: Dict[str, Any] = {"records": {}, "version": ""}
@@ -305,6 +305,13 @@ def _separation(
     return {f"auc_{key}_rare": round(auc, 3), "mean_rare": float(np.mean(rare)), "mean_common": float(np.mean(common))}
 
 
+def seed_training(trainer, seed: int) -> None:
+    """Seed everything random in training: torch (weights, dropout) and the training transforms' own generators
+    (MONAI's random crops and augmentations draw from per-transform generators, not from torch)."""
+    torch.manual_seed(seed)
+    trainer.train_ds.transform.set_random_state(seed=seed)
+
+
 def study_seeds(
     trainer,
     scorer,
@@ -318,24 +325,35 @@ def study_seeds(
     save: Callable[[], Any],
     metric: str = "dice",
 ) -> None:
-    """Every seed not yet in ``reference``: a warm start on ``initial(seed)``, one :func:`run` per strategy from it,
-    and the all-labels reference (the warm start fine-tuned on every pool case for the same total steps); ``save``
-    after each seed, so that an interrupted study keeps its finished seeds."""
+    """Every seed up to ``args.seeds`` with work left: a warm start on ``initial(seed)``, one :func:`run` per strategy
+    without a run for that seed in ``results``, and the all-labels reference (the warm start fine-tuned on every pool
+    case for the same total steps) when ``reference`` lacks it; ``save`` after each seed, so that an interrupted
+    study keeps its finished seeds. A resumed seed's warm start is retrained; its round-0 result is checked against
+    the recorded runs' round 0, which it matches when training is deterministic on the machine."""
     total_steps = args.steps * math.ceil((args.max_labels - args.initial) / args.batch)
-    for seed in range(len(reference), args.seeds):
+    for seed in range(args.seeds):
+        todo = [s for s in strategies if seed not in results.setdefault(s, {})]
+        recorded = [by_seed[seed] for s, by_seed in results.items() if seed in by_seed]
+        if not todo and seed < len(reference):
+            continue
         first = initial(seed)
-        torch.manual_seed(seed)
+        seed_training(trainer, seed)
         warm = trainer.new_network()
         t0 = time.time()
         trainer.train(warm, first, args.warmup_steps, random.Random(seed))
         print(f"seed {seed}: initial {first}, warm start in {time.time() - t0:.0f}s", flush=True)
-        for strategy in strategies:
+        for strategy in todo:
             results[strategy][seed] = run(strategy, seed, warm, first, trainer, scorer, images, cases, args, metric)
-        full = copy.deepcopy(warm)
-        torch.manual_seed(1000 * seed + 17)
-        trainer.train(full, sorted(cases), total_steps, random.Random(seed))
-        reference.append({"seed": seed, **trainer.evaluate(full)})
-        print(f"seed {seed}: all {len(cases)} labels -> {metric} {reference[-1][metric]:.3f}", flush=True)
+            if recorded:
+                new, old = results[strategy][seed][0][metric], recorded[0][0][metric]
+                same = "reproduces" if abs(new - old) < 1e-9 else "DIFFERS FROM"
+                print(f"seed {seed}: the warm start's {metric} {new:.4f} {same} the recorded {old:.4f}", flush=True)
+        if seed >= len(reference):
+            full = copy.deepcopy(warm)
+            seed_training(trainer, 1000 * seed + 17)
+            trainer.train(full, sorted(cases), total_steps, random.Random(seed))
+            reference.append({"seed": seed, **trainer.evaluate(full)})
+            print(f"seed {seed}: all {len(cases)} labels -> {metric} {reference[-1][metric]:.3f}", flush=True)
         save()
 
 
@@ -353,6 +371,12 @@ def study_arguments(ap: argparse.ArgumentParser, **defaults: Any) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fraction", type=float, default=0.95, help="target: this fraction of the all-labels result")
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument(
+        "--resume",
+        type=Path,
+        help="a results .json of the same study (every setting but --seeds and --strategies must match): its runs "
+        "and references are kept, and only what is missing runs: more seeds, or strategies it lacks",
+    )
 
 
 def parse_strategies(ap: argparse.ArgumentParser, text: str, allowed: Sequence[str]) -> List[str]:
@@ -525,12 +549,6 @@ def main(argv=None) -> int:
     ap.add_argument("--scoring-spacing-factor", type=float, default=2.0, help="as --conf scoring_spacing_factor")
     ap.add_argument("--hybrid-pool", type=float, default=0.5)
     study_arguments(ap)
-    ap.add_argument(
-        "--resume",
-        type=Path,
-        help="an active_learning.json of the same study: its finished seeds are kept and only the missing ones up to "
-        "--seeds run (to add seeds to a recorded study)",
-    )
     args = ap.parse_args(argv)
     strategies = parse_strategies(ap, args.strategies, SEG_STRATEGIES)
 
@@ -554,12 +572,7 @@ def main(argv=None) -> int:
         images = {c["id"]: scorer.load_image(c["image"]) for c in pool}
         print(f"cohort ready in {time.time() - start:.0f}s", flush=True)
 
-        results: Dict[str, Dict[int, List[Dict]]] = {s: {} for s in strategies}
-        reference: List[Dict] = []
-        if args.resume:
-            results, reference, minutes = resume(args.resume, args)
-            start -= 60.0 * minutes
-            print(f"resumed {len(reference)} seed(s) from {args.resume}", flush=True)
+        results, reference, start = resumed(args, strategies, start)
         study_seeds(
             trainer,
             scorer,
@@ -579,15 +592,26 @@ def main(argv=None) -> int:
 
 def resume(path: Path, args: argparse.Namespace) -> Tuple[Dict[str, Dict[int, List[Dict]]], List[Dict], float]:
     """The runs, references and minutes of a previous result of the same study (every setting but the number of
-    seeds must match), so that more seeds can be added to it."""
+    seeds and the strategies must match), so that seeds or strategies can be added to it."""
     previous = json.loads(path.read_text())
     config = previous["config"]
-    mine = {k: v for k, v in vars(args).items() if k not in ("out", "resume", "seeds")}
+    mine = {k: v for k, v in vars(args).items() if k not in ("out", "resume", "seeds", "strategies")}
     differ = [k for k, v in mine.items() if k in config and config[k] != v]
     if differ:
         raise SystemExit(f"--resume {path}: another study ({', '.join(f'{k}={config[k]!r}' for k in differ)})")
     runs = {s: {int(seed): rounds for seed, rounds in by_seed.items()} for s, by_seed in previous["runs"].items()}
     return runs, list(previous["reference"]), float(previous.get("minutes", 0.0))
+
+
+def resumed(
+    args: argparse.Namespace, strategies: Sequence[str], start: float
+) -> Tuple[Dict[str, Dict[int, List[Dict]]], List[Dict], float]:
+    """Runs, references and start time to go on from: empty, or those of ``--resume`` (its minutes count as spent)."""
+    if not args.resume:
+        return {s: {} for s in strategies}, [], start
+    runs, reference, minutes = resume(args.resume, args)
+    print(f"resumed {len(reference)} seed(s) of {', '.join(runs)} from {args.resume}", flush=True)
+    return {**runs, **{s: {} for s in strategies if s not in runs}}, reference, start - 60.0 * minutes
 
 
 def write_study(
@@ -616,6 +640,7 @@ def write_study(
         "minutes": (time.time() - start) / 60.0,
         "config": {
             **{k: v for k, v in vars(args).items() if k not in ("out", "resume")},
+            "strategies": ",".join(results),
             "seeds": list(range(done)),
             **config,
         },

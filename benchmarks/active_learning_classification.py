@@ -18,6 +18,11 @@ same warm start fine-tuned on every pool case for the same total steps.
 
 With two classes, predictive entropy, margin and least confidence are all decreasing functions of the top class
 probability, so they rank the pool identically; the study runs ``cls_entropy`` for the three unless asked.
+``cls_finding`` ranks by the probability of a finding instead (the lesion, here). The recorded study adds it to the
+recorded random and entropy runs, which ``--resume`` keeps (every other setting must match; about 40 min more):
+
+    python benchmarks/active_learning_classification.py --seeds 4 --strategies random,cls_finding \
+        --resume benchmarks/results/active_learning_classification.json
 
 Writes ``active_learning_classification.{json,md,png}`` to ``--out``.
 """
@@ -40,6 +45,7 @@ from active_learning import (
     CLS_STRATEGIES,
     at_labels,
     parse_strategies,
+    resumed,
     study_arguments,
     study_seeds,
     train_steps,
@@ -174,7 +180,7 @@ class UncertaintyScorer:
         if embedding_only:  # labeled images: the cls_* strategies need nothing of them
             return {}
         p = self.trainer.probabilities(network, image_id)
-        return {**class_uncertainty({"probabilities": p.tolist()}), "p_lesion": float(p[1])}
+        return class_uncertainty({"probabilities": p.tolist()})
 
 
 def initial_cases(cases: Dict[str, Dict], n: int, rng: random.Random) -> List[str]:
@@ -276,8 +282,7 @@ def main(argv=None) -> int:
         scorer = UncertaintyScorer(trainer)
         print(f"cohort ready in {time.time() - start:.0f}s", flush=True)
 
-        results: Dict[str, Dict[int, List[Dict]]] = {s: {} for s in strategies}
-        reference: List[Dict] = []
+        results, reference, start = resumed(args, strategies, start)
         images = {i: i for i in cases}  # run() hands the scorer an image per id; the trainer keeps the volumes
         study_seeds(
             trainer,

@@ -68,3 +68,47 @@ def test_binary_uncertainty_measures_rank_images_alike():
         probs = np.stack([top, 1.0 - top] if lesion_first else [1.0 - top, top])
         for name, fn in MEASURES.items():
             assert np.array_equal(np.argsort(-fn(probs), kind="stable"), np.argsort(top, kind="stable")), name
+
+
+def test_resume_adds_strategies_or_seeds_to_a_recorded_study_but_refuses_another_study(tmp_path):
+    import argparse
+    import json
+
+    from active_learning import resumed, study_arguments
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--strategies", default="random,cls_entropy")
+    study_arguments(ap, steps=300)
+    recorded = vars(ap.parse_args([]))
+    runs = {"random": {"0": [{"labels": 2, "auc": 0.5}]}, "cls_entropy": {"0": [{"labels": 2, "auc": 0.5}]}}
+    path = tmp_path / "study.json"
+    config = {k: v for k, v in recorded.items() if k not in ("out", "resume")}
+    path.write_text(json.dumps({"config": config, "runs": runs, "reference": [{"seed": 0}], "minutes": 30.0}))
+
+    args = ap.parse_args(["--strategies", "random,cls_finding", "--seeds", "2", "--resume", str(path)])
+    results, reference, start = resumed(args, ["random", "cls_finding"], 1000.0)
+    assert list(results) == ["random", "cls_entropy", "cls_finding"]  # recorded first, then the new one
+    assert results["random"] == {0: runs["random"]["0"]} and results["cls_finding"] == {}
+    assert reference == [{"seed": 0}] and start == 1000.0 - 1800.0
+    assert resumed(ap.parse_args([]), ["random"], 5.0) == ({"random": {}}, [], 5.0)
+    with pytest.raises(SystemExit, match="steps=300"):
+        resumed(ap.parse_args(["--steps", "200", "--resume", str(path)]), ["random"], 0.0)
+
+
+def test_a_study_repeats_exactly_with_the_same_seed(tmp_path):
+    """Training noise is seeded (torch and the training transforms' own generators), so strategies of one seed share
+    it and a study can be resumed or repeated: two tiny studies give identical curves."""
+    import json
+
+    from active_learning import main
+
+    tiny = "--pool 6 --heldout 2 --seeds 1 --strategies random,entropy --initial 2 --batch 2 --max-labels 4"
+    runs = []
+    for k in range(2):
+        argv = [*tiny.split(), "--warmup-steps", "5", "--steps", "5", "--threads", "1", "--out", str(tmp_path / str(k))]
+        assert main(argv) == 0
+        runs.append(json.loads((tmp_path / str(k) / "active_learning.json").read_text()))
+    curves = [{s: [r["dice"] for r in by_seed["0"]] for s, by_seed in run["runs"].items()} for run in runs]
+    assert curves[0] == curves[1] and len(curves[0]["random"]) == 2
+    assert runs[0]["reference"][0]["dice"] == runs[1]["reference"][0]["dice"]
+
