@@ -112,3 +112,14 @@ def test_a_study_repeats_exactly_with_the_same_seed(tmp_path):
     assert curves[0] == curves[1] and len(curves[0]["random"]) == 2
     assert runs[0]["reference"][0]["dice"] == runs[1]["reference"][0]["dice"]
 
+
+def test_ideal_observer_detectability_scales_with_contrast_and_bounds_the_matched_filter():
+    from lesion_visibility import detectability, heldout_plan, ideal_auc
+
+    case = next(c for c in heldout_plan(0) if c["lesion"])
+    faint, strong = (detectability({**case, "lesion_radius_mm": 5.0, "lesion_contrast_hu": c}) for c in (-15, -30))
+    assert strong["d_prime"] == pytest.approx(2 * faint["d_prime"], rel=0.05)  # the signal is linear in contrast
+    for r in (faint, strong):
+        assert 0 < r["d_prime_npw"] <= r["d_prime"]  # prewhitening never loses
+        assert r["lesion_radius_mm"] == 5.0 and r["signal_voxels"] > 0
+    assert ideal_auc(0.0) == 0.5 and ideal_auc(1.0) == pytest.approx(0.7602, abs=1e-4) and ideal_auc(10) > 0.999

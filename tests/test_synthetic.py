@@ -297,3 +297,26 @@ def test_command_line(tmp_path):
     assert synthetic.main([*args, "--workers", "1", "--no-progress"]) == 0
     assert (out / "segmentation" / "labels" / "final" / "phantom_000.nii.gz").is_file()
     assert len(json.loads((out / "classification_labeled.json").read_text())) == 2
+
+
+@pytest.mark.parametrize("seed", [5, 12])
+def test_noise_power_is_the_spectrum_of_the_noise_the_generator_adds(seed):
+    """``noise_power`` (what the ideal-observer analysis divides by) matches the averaged periodogram of the noise
+    ``_render`` adds, for the case's own acquisition: its level, its in-plane correlation and the rounding."""
+    acq = synthetic.lesion_acquisition(seed)
+    shape = (16, 96, 96)
+    rng = np.random.default_rng(0)
+    fields = [
+        synthetic._shape_noise(rng.standard_normal(shape, dtype=np.float32), acq).astype(np.float64)
+        + rng.uniform(-0.5, 0.5, shape)  # what rounding to integer HU adds
+        for _ in range(20)
+    ]
+    measured = np.mean([np.abs(np.fft.fftn(f)) ** 2 / f.size for f in fields], axis=0)
+    model = synthetic.noise_power(shape, acq)
+    assert np.mean(model) == pytest.approx(acq["noise_hu"] ** 2 + 1 / 12, rel=0.05)  # Parseval: the variance
+    ratio = measured / model
+    assert 0.9 < np.median(ratio) < 1.1
+    # correlated in-plane: far more power at low than at high in-plane frequencies, none of it lost
+    low, high = model[:, :4, :4].mean(), model[:, 40:56, 40:56].mean()
+    assert low > 10 * high and measured[:, :4, :4].mean() == pytest.approx(low, rel=0.15)
+    assert measured[:, 40:56, 40:56].mean() == pytest.approx(high, rel=0.15)

@@ -850,16 +850,30 @@ def _render(
     perm = acq["perm"]  # array axis a runs along physical axis perm[a]; z is the slice direction
     for a in range(3):
         img = _blur_axis(img, 2 - a, acq["blur_xy"] if perm[a] < 2 else acq["blur_z"])
-    noise = _rng(seed, 3).standard_normal(img.shape, dtype=_F32)
-    corr, gain = float(acq["noise_corr"]), 1.0
-    for a in range(3):  # in-plane correlated noise, rescaled to the requested standard deviation
-        if perm[a] < 2:
-            noise = _blur_axis(noise, 2 - a, corr)
-            gain *= float(np.sqrt((_gauss_kernel(corr) ** 2).sum()))
-    img += noise * _F32(acq["noise_hu"] / gain)
-    del noise
+    img += _shape_noise(_rng(seed, 3).standard_normal(img.shape, dtype=_F32), acq)
     out = np.clip(np.rint(img), HU_MIN, HU_MAX).astype(np.int16)
     return out, lab, n_lesion
+
+
+def _shape_noise(white: np.ndarray, acq: dict[str, Any]) -> np.ndarray:
+    """The acquisition's noise from white Gaussian noise: correlated in-plane (``noise_corr``), rescaled to a
+    standard deviation of ``noise_hu``."""
+    noise, corr, gain = white, float(acq["noise_corr"]), 1.0
+    for a in range(3):
+        if acq["perm"][a] < 2:
+            noise = _blur_axis(noise, 2 - a, corr)
+            gain *= float(np.sqrt((_gauss_kernel(corr) ** 2).sum()))
+    return noise * _F32(acq["noise_hu"] / gain)
+
+
+def noise_power(shape: Sequence[int], acq: dict[str, Any]) -> np.ndarray:
+    """Power spectrum of the noise an image of the acquisition ``acq`` carries, on an array of ``shape`` (numpy
+    order, FFT layout): ``E|FFT(noise)|^2 / N`` of the correlated Gaussian noise, plus the rounding to integer HU
+    (variance 1/12). White noise of variance v has ``v`` at every frequency."""
+    delta = np.zeros(tuple(shape), dtype=_F32)
+    delta[tuple(n // 2 for n in shape)] = 1.0
+    kernel = np.fft.ifftshift(_shape_noise(delta, acq).astype(np.float64))
+    return np.abs(np.fft.fftn(kernel)) ** 2 + 1.0 / 12.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1045,6 +1059,33 @@ def _place_lesion(anat: _Anatomy, grid: _Grid, rng: np.random.Generator, radius:
     return best
 
 
+def _lesion_setup(seed, size, spacing, orientation, oblique_deg, small):
+    _, hard = _default_flags(seed)
+    code, angle = _resolve_orientation(seed, orientation, oblique_deg)
+    direction = orientation_direction(code, angle)
+    anat = _make_anatomy(seed, hard)
+    grid, acq = _plan_grid(
+        anat, seed, profile="cls", mode="full", small=small, size=size, spacing=spacing, direction=direction
+    )
+    return anat, grid, acq, (code, angle, hard)
+
+
+def lesion_acquisition(
+    seed: int,
+    *,
+    size: tuple[int, int, int] | None = None,
+    spacing: tuple[float, float, float] | None = None,
+    orientation: str | None = None,
+    oblique_deg: float = 0.0,
+    small: bool = False,
+    **_: Any,
+) -> dict[str, Any]:
+    """The acquisition of :func:`make_lesion_phantom`'s case with these arguments (others are ignored): noise level
+    ``noise_hu`` and in-plane correlation ``noise_corr``, blur, and ``perm`` (the physical axis of each array
+    axis), as :func:`noise_power` takes it."""
+    return _lesion_setup(seed, size, spacing, orientation, oblique_deg, small)[2]
+
+
 def make_lesion_phantom(
     seed: int,
     *,
@@ -1066,13 +1107,7 @@ def make_lesion_phantom(
     ``lesion_radius_mm``, ``contrast_hu`` (signed, HU added inside the lesion), ``centre`` (physical LPS mm or None)
     and ``lesion_voxels`` (voxel centres inside the lesion).
     """
-    _, hard = _default_flags(seed)
-    code, angle = _resolve_orientation(seed, orientation, oblique_deg)
-    direction = orientation_direction(code, angle)
-    anat = _make_anatomy(seed, hard)
-    grid, acq = _plan_grid(
-        anat, seed, profile="cls", mode="full", small=small, size=size, spacing=spacing, direction=direction
-    )
+    anat, grid, acq, (code, angle, hard) = _lesion_setup(seed, size, spacing, orientation, oblique_deg, small)
     rng = _rng(seed, 4)
     near_limit = bool(rng.random() < NEAR_LIMIT_FRACTION)
     (r_lo, r_hi), (c_lo, c_hi) = ((3.0, 8.0), (10.0, 25.0)) if near_limit else ((8.0, 20.0), (25.0, 60.0))
