@@ -377,6 +377,12 @@ def study_arguments(ap: argparse.ArgumentParser, **defaults: Any) -> None:
         help="a results .json of the same study (every setting but --seeds and --strategies must match): its runs "
         "and references are kept, and only what is missing runs: more seeds, or strategies it lacks",
     )
+    ap.add_argument(
+        "--redo",
+        default="",
+        help="with --resume: comma-separated strategies whose recorded runs are dropped (those also in --strategies "
+        "run again, with the same seeds as the new ones)",
+    )
 
 
 def parse_strategies(ap: argparse.ArgumentParser, text: str, allowed: Sequence[str]) -> List[str]:
@@ -595,7 +601,7 @@ def resume(path: Path, args: argparse.Namespace) -> Tuple[Dict[str, Dict[int, Li
     seeds and the strategies must match), so that seeds or strategies can be added to it."""
     previous = json.loads(path.read_text())
     config = previous["config"]
-    mine = {k: v for k, v in vars(args).items() if k not in ("out", "resume", "seeds", "strategies")}
+    mine = {k: v for k, v in vars(args).items() if k not in ("out", "resume", "seeds", "strategies", "redo")}
     differ = [k for k, v in mine.items() if k in config and config[k] != v]
     if differ:
         raise SystemExit(f"--resume {path}: another study ({', '.join(f'{k}={config[k]!r}' for k in differ)})")
@@ -606,10 +612,13 @@ def resume(path: Path, args: argparse.Namespace) -> Tuple[Dict[str, Dict[int, Li
 def resumed(
     args: argparse.Namespace, strategies: Sequence[str], start: float
 ) -> Tuple[Dict[str, Dict[int, List[Dict]]], List[Dict], float]:
-    """Runs, references and start time to go on from: empty, or those of ``--resume`` (its minutes count as spent)."""
+    """Runs, references and start time to go on from: empty, or those of ``--resume`` but the ``--redo`` strategies'
+    runs (its minutes count as spent)."""
     if not args.resume:
         return {s: {} for s in strategies}, [], start
     runs, reference, minutes = resume(args.resume, args)
+    for name in (s.strip() for s in args.redo.split(",")):
+        runs.pop(name, None)
     print(f"resumed {len(reference)} seed(s) of {', '.join(runs)} from {args.resume}", flush=True)
     return {**runs, **{s: {} for s in strategies if s not in runs}}, reference, start - 60.0 * minutes
 

@@ -18,11 +18,12 @@ same warm start fine-tuned on every pool case for the same total steps.
 
 With two classes, predictive entropy, margin and least confidence are all decreasing functions of the top class
 probability, so they rank the pool identically; the study runs ``cls_entropy`` for the three unless asked.
-``cls_finding`` ranks by the probability of a finding instead (the lesion, here). The recorded study adds it to the
-recorded random and entropy runs, which ``--resume`` keeps (every other setting must match; about 40 min more):
+``cls_finding`` ranks by the probability of a finding instead (the lesion, here). Its recorded study runs random
+and ``cls_finding`` again from shared warm starts and keeps only the all-labels references of the study above
+(``--redo`` drops the recorded runs; about 50 min; ``active_learning_classification_finding.*`` in the results):
 
     python benchmarks/active_learning_classification.py --seeds 4 --strategies random,cls_finding \
-        --resume benchmarks/results/active_learning_classification.json
+        --redo random,cls_entropy --resume benchmarks/results/active_learning_classification.json
 
 Writes ``active_learning_classification.{json,md,png}`` to ``--out``.
 """

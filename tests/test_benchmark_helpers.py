@@ -91,6 +91,9 @@ def test_resume_adds_strategies_or_seeds_to_a_recorded_study_but_refuses_another
     assert results["random"] == {0: runs["random"]["0"]} and results["cls_finding"] == {}
     assert reference == [{"seed": 0}] and start == 1000.0 - 1800.0
     assert resumed(ap.parse_args([]), ["random"], 5.0) == ({"random": {}}, [], 5.0)
+    redo = ap.parse_args(["--redo", "random,cls_entropy", "--resume", str(path)])
+    results, reference, _ = resumed(redo, ["random", "cls_finding"], 0.0)
+    assert results == {"random": {}, "cls_finding": {}} and reference == [{"seed": 0}]  # only the references kept
     with pytest.raises(SystemExit, match="steps=300"):
         resumed(ap.parse_args(["--steps", "200", "--resume", str(path)]), ["random"], 0.0)
 
