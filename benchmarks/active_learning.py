@@ -596,31 +596,27 @@ def main(argv=None) -> int:
     return 0
 
 
-def resume(path: Path, args: argparse.Namespace) -> Tuple[Dict[str, Dict[int, List[Dict]]], List[Dict], float]:
-    """The runs, references and minutes of a previous result of the same study (every setting but the number of
-    seeds and the strategies must match), so that seeds or strategies can be added to it."""
-    previous = json.loads(path.read_text())
+def resumed(
+    args: argparse.Namespace, strategies: Sequence[str], start: float
+) -> Tuple[Dict[str, Dict[int, List[Dict]]], List[Dict], float]:
+    """Runs, references and start time to go on from: empty, or those of ``--resume`` (a previous result of the same
+    study: every setting but the seeds and the strategies must match) without the ``--redo`` strategies' runs, so
+    that seeds or strategies can be added to it (its minutes count as spent)."""
+    if not args.resume:
+        return {s: {} for s in strategies}, [], start
+    previous = json.loads(args.resume.read_text())
     config = previous["config"]
     mine = {k: v for k, v in vars(args).items() if k not in ("out", "resume", "seeds", "strategies", "redo")}
     differ = [k for k, v in mine.items() if k in config and config[k] != v]
     if differ:
-        raise SystemExit(f"--resume {path}: another study ({', '.join(f'{k}={config[k]!r}' for k in differ)})")
+        raise SystemExit(f"--resume {args.resume}: another study ({', '.join(f'{k}={config[k]!r}' for k in differ)})")
     runs = {s: {int(seed): rounds for seed, rounds in by_seed.items()} for s, by_seed in previous["runs"].items()}
-    return runs, list(previous["reference"]), float(previous.get("minutes", 0.0))
-
-
-def resumed(
-    args: argparse.Namespace, strategies: Sequence[str], start: float
-) -> Tuple[Dict[str, Dict[int, List[Dict]]], List[Dict], float]:
-    """Runs, references and start time to go on from: empty, or those of ``--resume`` but the ``--redo`` strategies'
-    runs (its minutes count as spent)."""
-    if not args.resume:
-        return {s: {} for s in strategies}, [], start
-    runs, reference, minutes = resume(args.resume, args)
     for name in (s.strip() for s in args.redo.split(",")):
         runs.pop(name, None)
+    reference = list(previous["reference"])
     print(f"resumed {len(reference)} seed(s) of {', '.join(runs)} from {args.resume}", flush=True)
-    return {**runs, **{s: {} for s in strategies if s not in runs}}, reference, start - 60.0 * minutes
+    runs.update({s: {} for s in strategies if s not in runs})
+    return runs, reference, start - 60.0 * float(previous.get("minutes", 0.0))
 
 
 def write_study(

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from labelloop_app.conf import ClassificationConf
 from labelloop_app.detector import PatchWindowInferer, detector_input_transforms
 from labelloop_app.networks import classification_network
-from labelloop_app.transforms import whole_volume_transforms
+from labelloop_app.transforms import volume_transforms
 
 HERE = Path(__file__).resolve().parent
 TOP_KS = (1, 4, 8, 16, 32, 64)
@@ -81,15 +81,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     start = time.time()
     conf = ClassificationConf(network="detector")
-    c = conf
-    transforms = Compose(
-        [
-            *whole_volume_transforms(
-                "image", c.modality, c.ct_window, c.target_spacing, c.spatial_size, c.body_threshold
-            ),
-            *detector_input_transforms(conf),
-        ]
-    )
+    transforms = Compose([*volume_transforms(conf), *detector_input_transforms(conf)])
     network = load_detector(args.model)
     evidence: Dict[str, List[float]] = {}
     truth, near = [], []

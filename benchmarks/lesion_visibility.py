@@ -103,11 +103,11 @@ def recorded_runs(names: Sequence[str], lesions: List[Dict[str, Any]]) -> Dict[s
         path = HERE / "results" / name
         if not path.is_file():
             continue
-        cases = {c["case"]: c for c in json.loads(path.read_text())["cases"]}
+        data = json.loads(path.read_text())
+        cases = {c["case"]: c for c in data["cases"]}
         if all(
             abs(cases.get(r["case"], {}).get("lesion_radius_mm", -1) - r["lesion_radius_mm"]) < 1e-3 for r in lesions
         ):
-            data = json.loads(path.read_text())
             runs[name] = {"auc": data["heldout_auc"], "p": {i: c["p_lesion"] for i, c in cases.items()}}
     return runs
 

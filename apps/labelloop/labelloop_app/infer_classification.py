@@ -41,7 +41,7 @@ from labelloop_app.explain import RestoreMapd, explain_method, gradcam_map, occl
 from labelloop_app.geometry import UnreadableImageError, write_image
 from labelloop_app.model_file import VersionedInferTask
 from labelloop_app.networks import CAM_LAYERS
-from labelloop_app.transforms import whole_volume_transforms
+from labelloop_app.transforms import volume_transforms
 from labelloop_app.uncertainty import MEASURES
 
 logger = logging.getLogger(__name__)
@@ -79,10 +79,7 @@ class ClassificationInfer(VersionedInferTask):
         )
 
     def pre_transforms(self, data=None) -> Sequence[Callable]:
-        c = self.conf
-        return whole_volume_transforms(
-            "image", c.modality, c.ct_window, c.target_spacing, c.spatial_size, c.body_threshold
-        )
+        return volume_transforms(self.conf)
 
     def inferer(self, data=None) -> Inferer:
         return SimpleInferer()

@@ -29,7 +29,7 @@ from labelloop_app.class_labels import CLASS_TAG, class_labels_of
 from labelloop_app.classification_metrics import PER_CLASS, SCALARS, ClassificationMetrics
 from labelloop_app.conf import ClassificationConf, parse_bool
 from labelloop_app.training import EpochLoss, LabelLoopTrainTask, metrics_of
-from labelloop_app.transforms import whole_volume_transforms
+from labelloop_app.transforms import volume_transforms
 
 logger = logging.getLogger(__name__)
 
@@ -122,10 +122,7 @@ class ClassificationTrain(LabelLoopTrainTask):
         return loader(dataset, batch_size=context.train_batch_size, sampler=sampler, num_workers=num_workers)
 
     def _deterministic(self):
-        c = self.conf
-        return whole_volume_transforms(
-            "image", c.modality, c.ct_window, c.target_spacing, c.spatial_size, c.body_threshold
-        )
+        return volume_transforms(self.conf)
 
     def train_pre_transforms(self, context: Context):
         return [

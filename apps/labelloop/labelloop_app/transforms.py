@@ -149,3 +149,10 @@ def whole_volume_transforms(
         ResizeWithPadOrCropd(keys=key, spatial_size=spatial_size, mode="constant"),
         EnsureTyped(keys=key, dtype=torch.float32),
     ]
+
+
+def volume_transforms(conf) -> List[Transform]:
+    """:func:`whole_volume_transforms` of the image with a :class:`~labelloop_app.conf.ClassificationConf`'s
+    settings: what every classification network sees, in training and at inference."""
+    c = conf
+    return whole_volume_transforms("image", c.modality, c.ct_window, c.target_spacing, c.spatial_size, c.body_threshold)
