@@ -397,7 +397,7 @@ def test_detector_trains_from_findings_and_maps_the_class_on_the_input_grid(cls_
     server = start_server(studies, tmp_path / "models", tmp_path / "server.log", conf)
     try:
         assert "findings" in server.info()["trainers"]["classification"]["description"]
-        r = server.post("/train/classification", json={"max_epochs": 2, "patch": 24})
+        r = server.post("/train/classification", json={"max_epochs": 2, "patch": 24, "hard_negative_every": 2})
         assert r.status_code == 200, r.text
         task = server.wait_task("train", timeout=600)
         assert task["status"] == "DONE", f"{task}\n{server.log_tail()}"

@@ -34,9 +34,13 @@ from labelloop_app.classification_metrics import ClassificationMetrics, classifi
 from labelloop_app.conf import TASKS, ClassificationConf, ConfError, parse_tasks
 from labelloop_app.datastore import LabelLoopDatastore
 from labelloop_app.detector import (
+    DEFAULT_PATCH,
+    LEGACY_PATCH,
     ClassMapUNet,
     EvidenceCalibration,
     FindingsToMaskd,
+    HardNegativeIndicesd,
+    HardNegatives,
     ImageProbabilitiesd,
     PatchClassd,
     PatchWindowInferer,
@@ -487,7 +491,7 @@ def test_class_map_unet_saves_its_bias_and_loads_older_weights_without_one():
     assert again.evidence_bias.tolist() == [-1.5, 0.25]
     older = {k: v for k, v in state.items() if k not in ("evidence_bias", "patch_size")}
     again.load_state_dict(older, strict=True)
-    assert again.evidence_bias.tolist() == [0.0, 0.0] and int(again.patch_size) == 48
+    assert again.evidence_bias.tolist() == [0.0, 0.0] and int(again.patch_size) == LEGACY_PATCH == 48
 
 
 class _WindowSizes(torch.nn.Module):
@@ -541,10 +545,10 @@ def test_evidence_calibration_fits_each_finding_class_before_the_checkpoint():
     assert net.evidence_bias.tolist() == pytest.approx([b1, b2], abs=1e-5)
     assert rescored["probs"].shape == (5, 3) and np.allclose(rescored["probs"].sum(axis=1), 1.0)
     assert rescored["probs"][2].argmax() == 1 and rescored["probs"][0].argmax() == 0
-    assert int(net.patch_size) == 48  # the training patch travels with the calibration
-    EvidenceCalibration(net, patch=32).attach(evaluator)
+    assert int(net.patch_size) == DEFAULT_PATCH  # the training patch travels with the calibration
+    EvidenceCalibration(net, patch=24).attach(evaluator)
     evaluator.run(items, max_epochs=1)
-    assert int(net.patch_size) == 32
+    assert int(net.patch_size) == 24
 
 
 def test_classification_metrics_rescore_replaces_the_epoch_figures():
@@ -558,7 +562,7 @@ def test_classification_metrics_rescore_replaces_the_epoch_figures():
 
 
 def test_detector_centres_patches_without_findings_in_tissue_above_minus_50_hu(tmp_path):
-    """The threshold handed to RandCropByPosNegLabeld is -50 HU after the detector's own intensity pipeline."""
+    """The threshold of the patch centres without findings is -50 HU after the detector's own intensity pipeline."""
     conf = ClassificationConf.from_conf({"cls_network": "detector"})
     task = DetectorTrain(conf, str(tmp_path), classification_network("detector", 2), str(tmp_path / "m.pt"))
     threshold = task._tissue_threshold()
@@ -578,3 +582,63 @@ def test_detector_centres_patches_without_findings_in_tissue_above_minus_50_hu(t
         str(tmp_path / "m.pt"),
     )
     assert mr._tissue_threshold() == {}
+
+
+class _Brightness(torch.nn.Module):
+    """Two-class voxel logits whose finding channel is the input itself: the brightest voxels are the likeliest."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return torch.cat([torch.zeros_like(x), x], dim=1)
+
+
+def test_hard_negatives_are_where_the_network_is_surest_of_a_finding():
+    image = torch.zeros(1, 12, 10, 8)
+    image[0, 7, 2, 5] = 5.0
+    image[0, 1, 8, 1] = 4.0
+    hard = HardNegatives(voxels=2)
+    network = _Brightness().train()
+    hard.refresh(network, {"n1": image}, PatchWindowInferer(8))
+    expected = {int(np.ravel_multi_index(v, (12, 10, 8))) for v in [(7, 2, 5), (1, 8, 1)]}
+    assert set(hard.indices["n1"].tolist()) == expected
+    assert network.training  # left as it was found
+
+
+def test_patches_of_images_without_findings_centre_on_their_hard_negatives():
+    """A normal image's patch is centred at one of its hard negatives with the given probability; images with
+    findings and images not yet mapped keep their tissue indices."""
+    from monai.transforms import Compose, FgBgToIndicesd, RandCropByPosNegLabeld
+
+    shape = (20, 20, 20)
+    hard = HardNegatives()
+    hard.indices["n1"] = np.array([int(np.ravel_multi_index((15, 4, 9), shape))])
+    pipeline = Compose(
+        [
+            FgBgToIndicesd(keys="label"),
+            HardNegativeIndicesd(hard, prob=1.0),
+            RandCropByPosNegLabeld(
+                keys=("image", "label"),
+                label_key="label",
+                spatial_size=[3, 3, 3],
+                pos=1,
+                neg=1,
+                num_samples=1,
+                fg_indices_key="label_fg_indices",
+                bg_indices_key="label_bg_indices",
+            ),
+        ]
+    ).set_random_state(0)
+    values = torch.arange(np.prod(shape), dtype=torch.float32).reshape(1, *shape)  # a voxel's value is its index
+
+    def centres(image_id: str, class_index: int, draws: int = 20) -> set:
+        item = {"image": values, "label": torch.zeros(1, *shape), "image_id": image_id, "class_index": class_index}
+        return {int(pipeline(item)[0]["image"][0, 1, 1, 1]) for _ in range(draws)}
+
+    assert centres("n1", 0) == set(hard.indices["n1"].tolist())
+    assert len(centres("n2", 0)) > 1  # not mapped yet: anywhere
+    assert len(centres("n1", 1)) > 1  # an image with findings is never steered
+    never = HardNegativeIndicesd(hard, prob=0.0)
+    assert "label_bg_indices" not in never({"image_id": "n1", "class_index": 0})

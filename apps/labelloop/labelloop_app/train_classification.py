@@ -19,7 +19,6 @@ from monai.transforms import (
     RandGaussianNoised,
     RandScaleIntensityd,
     RandShiftIntensityd,
-    SelectItemsd,
 )
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import Context
@@ -29,7 +28,7 @@ from labelloop_app.class_labels import CLASS_TAG, class_labels_of
 from labelloop_app.classification_metrics import PER_CLASS, SCALARS, ClassificationMetrics
 from labelloop_app.conf import ClassificationConf, parse_bool
 from labelloop_app.training import EpochLoss, LabelLoopTrainTask, metrics_of
-from labelloop_app.transforms import volume_transforms
+from labelloop_app.transforms import batch_items, volume_transforms
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +71,6 @@ class ClassificationTrain(LabelLoopTrainTask):
 
     default_lr = 1e-3
     weight_decay = 1e-4
-    draws_per_image = 1  # samples per labeled image and epoch with class balance
     learns_from = "class labels"
 
     def __init__(self, conf: ClassificationConf, model_dir: str, network: torch.nn.Module, publish_path: str):
@@ -116,10 +114,14 @@ class ClassificationTrain(LabelLoopTrainTask):
         if not parse_bool(context.request.get("balance"), default=True):
             return self._dataloader(context, dataset, context.train_batch_size, num_workers, shuffle)
         weights = class_weights([d["label"] for d in datalist], len(self.conf.classes))
-        draws = len(weights) * self.draws_per_image
+        draws = len(weights) * self.draws_per_image(context)
         sampler = WeightedRandomSampler(torch.as_tensor(weights), num_samples=draws, replacement=True)
         loader = ThreadDataLoader if context.dataloader_type == "ThreadDataLoader" else DataLoader
         return loader(dataset, batch_size=context.train_batch_size, sampler=sampler, num_workers=num_workers)
+
+    def draws_per_image(self, context: Context) -> int:
+        """Samples per labeled image and epoch with class balance."""
+        return 1
 
     def _deterministic(self):
         return volume_transforms(self.conf)
@@ -139,14 +141,14 @@ class ClassificationTrain(LabelLoopTrainTask):
             RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
             RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5),
             RandGaussianNoised(keys="image", prob=0.3, std=0.01),
-            SelectItemsd(keys=KEYS),
+            *batch_items(KEYS),
         ]
 
     def train_post_transforms(self, context: Context):
         return [Activationsd(keys="pred", softmax=True)]
 
     def val_pre_transforms(self, context: Context):
-        return [*self._deterministic(), SelectItemsd(keys=KEYS)]
+        return [*self._deterministic(), *batch_items(KEYS)]
 
     def val_inferer(self, context: Context):
         return SimpleInferer()

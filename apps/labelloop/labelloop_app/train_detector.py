@@ -8,13 +8,15 @@ import logging
 from typing import Any, Dict
 
 import torch
+from ignite.engine import Events
 from monai.inferers import SimpleInferer
 from monai.transforms import (
+    Compose,
+    FgBgToIndicesd,
     RandCropByPosNegLabeld,
     RandScaleIntensityd,
     RandShiftIntensityd,
     RandSpatialCropd,
-    SelectItemsd,
 )
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import Context
@@ -25,6 +27,8 @@ from labelloop_app.detector import (
     EvidenceCalibration,
     FindingLoss,
     FindingsToMaskd,
+    HardNegativeIndicesd,
+    HardNegatives,
     ImageProbabilitiesd,
     PatchClassd,
     PatchWindowInferer,
@@ -33,7 +37,7 @@ from labelloop_app.detector import (
     unwrapped,
 )
 from labelloop_app.train_classification import KEYS, ClassificationTrain
-from labelloop_app.transforms import intensity_transforms
+from labelloop_app.transforms import batch_items, intensity_transforms
 
 logger = logging.getLogger(__name__)
 
@@ -41,17 +45,32 @@ logger = logging.getLogger(__name__)
 class DetectorTrain(ClassificationTrain):
     """Patch training of the class-map network from findings; whole-volume, image-level validation.
 
-    Request parameters beyond :class:`ClassificationTrain`'s: ``patch`` (voxels per side, default 48),
-    ``finding_weight`` (cross-entropy weight of finding voxels, default 20).
+    Hard negatives: every ``hard_negative_every`` iterations the network maps the next ``hard_negative_images``
+    training images without findings (in turn), and a ``hard_negatives`` share of their patches is then centred where
+    it is most wrong (:class:`~labelloop_app.detector.HardNegatives`).
+
+    Request parameters beyond :class:`ClassificationTrain`'s: ``patch`` (voxels per side, default 32),
+    ``finding_weight`` (cross-entropy weight of finding voxels, default 20), ``hard_negatives`` (default 0.5; 0
+    turns them off), ``hard_negative_every`` (default 100) and ``hard_negative_images`` (default 8).
     """
 
     default_lr = 2e-3
     learns_from = "the findings in class labels"
-    draws_per_image = 12  # patches are small: many per epoch, so whole-volume validation takes a small share
+    voxels_per_image = 12 * 48**3
+    """Patch voxels drawn per image and epoch: many small patches, so whole-volume validation takes a small share
+    of the time."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._config.update({"patch": DEFAULT_PATCH, "finding_weight": 20.0})
+        self._config.update(
+            {
+                "patch": DEFAULT_PATCH,
+                "finding_weight": 20.0,
+                "hard_negatives": 0.5,
+                "hard_negative_every": 100,
+                "hard_negative_images": 8,
+            }
+        )
         self._skipped = 0
 
     def loss_function(self, context: Context):
@@ -74,12 +93,15 @@ class DetectorTrain(ClassificationTrain):
             raise ValueError("the detector needs findings: no image of a finding class has any in its class label")
         return datalist
 
+    def draws_per_image(self, context: Context) -> int:
+        return max(1, round(self.voxels_per_image / self._patch(context) ** 3))
+
     def _deterministic(self):
         return [*super()._deterministic(), *detector_input_transforms(self.conf)]
 
     def _tissue_threshold(self) -> Dict[str, Any]:
-        """Where patches without findings are centred: CT voxels above -50 HU (organs, where findings and their
-        look-alikes are, rather than air and fat); anywhere for MR."""
+        """Where patches without findings are centred (the background indices): CT voxels above -50 HU (organs,
+        where findings and their look-alikes are, rather than air and fat); anywhere for MR."""
         if self.conf.modality != "CT":
             return {}
         hu = {"image": torch.full((1, 1, 1, 1), -50.0)}
@@ -92,6 +114,9 @@ class DetectorTrain(ClassificationTrain):
         return [
             *self._deterministic(),
             FindingsToMaskd(),
+            # where patches may be centred, computed once per image and cached with it
+            FgBgToIndicesd(keys="label", **self._tissue_threshold()),
+            HardNegativeIndicesd(self._hard_negatives(context), float(context.request.get("hard_negatives", 0.5))),
             # a wider crop around a finding voxel, then the patch anywhere in it: the finding lands anywhere
             # within a third of the patch of its centre, never always at the centre
             RandCropByPosNegLabeld(
@@ -102,13 +127,44 @@ class DetectorTrain(ClassificationTrain):
                 neg=2,
                 num_samples=1,
                 allow_smaller=True,
-                **self._tissue_threshold(),
+                fg_indices_key="label_fg_indices",
+                bg_indices_key="label_bg_indices",
             ),
             RandSpatialCropd(keys=KEYS, roi_size=[patch] * 3, random_size=False),
             RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
             RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
-            SelectItemsd(keys=KEYS),
+            *batch_items(KEYS),
         ]
+
+    @staticmethod
+    def _hard_negatives(context: Context) -> HardNegatives:
+        """The run's hard negatives, shared by its training transforms and the handler that refreshes them."""
+        if getattr(context, "hard_negatives", None) is None:
+            context.hard_negatives = HardNegatives()
+        return context.hard_negatives
+
+    def finalize(self, context: Context):
+        super().finalize(context)
+        if float(context.request.get("hard_negatives", 0.5)) <= 0:
+            return
+        every = max(1, int(context.request.get("hard_negative_every", 100)))
+        per_refresh = max(1, int(context.request.get("hard_negative_images", 8)))
+        normals = [d for d in context.train_datalist if int(d["label"]) == 0]
+        volume = Compose(self._deterministic())
+        inferer = PatchWindowInferer(self._patch(context))
+        hard = self._hard_negatives(context)
+        images: Dict[str, torch.Tensor] = {}
+
+        def refresh(engine) -> None:
+            start = (engine.state.iteration // every - 1) * per_refresh
+            batch = [normals[(start + k) % len(normals)] for k in range(min(per_refresh, len(normals)))]
+            for d in batch:
+                if d["image_id"] not in images:  # preprocessed once, on first use
+                    images[d["image_id"]] = volume({"image": d["image"]})["image"].as_tensor()
+            hard.refresh(context.network, {d["image_id"]: images[d["image_id"]] for d in batch}, inferer)
+
+        if normals:
+            context.trainer.add_event_handler(Events.ITERATION_COMPLETED(every=every), refresh)
 
     @staticmethod
     def _patch(context: Context) -> int:

@@ -20,7 +20,6 @@ from monai.transforms import (
     RandGaussianNoised,
     RandScaleIntensityd,
     RandShiftIntensityd,
-    SelectItemsd,
     Spacingd,
     SpatialPadd,
 )
@@ -29,7 +28,7 @@ from monailabel.tasks.train.utils import region_wise_metrics
 
 from labelloop_app.conf import SegmentationConf
 from labelloop_app.training import EpochLoss, LabelLoopTrainTask, metrics_of
-from labelloop_app.transforms import LabelValuesToChannelsd, LoadSITKd, intensity_transforms
+from labelloop_app.transforms import LabelValuesToChannelsd, LoadSITKd, batch_items, intensity_transforms
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +97,7 @@ class SegmentationTrain(LabelLoopTrainTask):
             RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
             RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
             RandGaussianNoised(keys="image", prob=0.2, std=0.02),
-            SelectItemsd(keys=KEYS),
+            *batch_items(KEYS),
         ]
 
     def train_post_transforms(self, context: Context):
@@ -108,7 +107,7 @@ class SegmentationTrain(LabelLoopTrainTask):
         ]
 
     def val_pre_transforms(self, context: Context):
-        return [*self._deterministic(), SelectItemsd(keys=KEYS)]
+        return [*self._deterministic(), *batch_items(KEYS)]
 
     def val_inferer(self, context: Context):
         return SlidingWindowInferer(
