@@ -117,12 +117,39 @@ def test_a_study_repeats_exactly_with_the_same_seed(tmp_path):
 
 
 def test_ideal_observer_detectability_scales_with_contrast_and_bounds_the_matched_filter():
-    from lesion_visibility import detectability, heldout_plan, ideal_auc
+    from lesion_visibility import detectability, heldout_plan, ideal_auc, lesion_signal
 
     case = next(c for c in heldout_plan(0) if c["lesion"])
-    faint, strong = (detectability({**case, "lesion_radius_mm": 5.0, "lesion_contrast_hu": c}) for c in (-15, -30))
+    cases = [{**case, "lesion_radius_mm": 5.0, "lesion_contrast_hu": c} for c in (-15, -30)]
+    faint, strong = (detectability(c, *lesion_signal(c)) for c in cases)
     assert strong["d_prime"] == pytest.approx(2 * faint["d_prime"], rel=0.05)  # the signal is linear in contrast
     for r in (faint, strong):
         assert 0 < r["d_prime_npw"] <= r["d_prime"]  # prewhitening never loses
         assert r["lesion_radius_mm"] == 5.0 and r["signal_voxels"] > 0
     assert ideal_auc(0.0) == 0.5 and ideal_auc(1.0) == pytest.approx(0.7602, abs=1e-4) and ideal_auc(10) > 0.999
+
+
+def test_searching_observer_rates_noise_in_standard_units_and_finds_a_plain_lesion():
+    """Each filter's response to the case's noise alone has unit standard deviation (so sizes are weighed alike),
+    and a plain lesion rates far above what the noise alone reaches anywhere in the liver, for both observers."""
+    from lesion_visibility import SEARCH_RADII_MM, SearchingObserver, heldout_plan, lesion_prior, lesion_signal
+
+    from labelloop_app.synthetic import acquisition_noise, lesion_acquisition, lesion_phantom_liver
+
+    case = next(c for c in heldout_plan(0) if c["lesion"])
+    case = {**case, "lesion_radius_mm": 10.0, "lesion_contrast_hu": -40.0}
+    args = {k: v for k, v in case.items() if k not in ("id", "lesion")}
+    acq = lesion_acquisition(**args)
+    observer = SearchingObserver(lesion_phantom_liver(**args), acq)
+    assert observer.liver.any() and len(observer.filters) == len(SEARCH_RADII_MM)
+    noise = acquisition_noise(observer.shape, acq, np.random.default_rng(0))
+    for radius, z in zip(SEARCH_RADII_MM, observer.responses(noise)):
+        # a large ball's response is smooth: few independent samples in one liver
+        assert float(np.sqrt((z**2).mean())) == pytest.approx(1.0, rel=0.1 if radius <= 8 else 0.3)
+    signal, _ = lesion_signal(case)
+    assert observer.liver[signal != 0].mean() > 0.9  # the lesion lies in the searched liver
+    noise_only = observer.ratings(None, 3, seed=1)
+    found = observer.ratings(signal, 1, seed=2)[0]
+    assert max(r["scan"] for r in noise_only) < 6.0 < found["scan"]
+    assert max(r["bayes"] for r in noise_only) < 0.0 < found["bayes"]  # noise alone is likelier than a lesion
+    assert sum(w for _, _, w in lesion_prior()) == pytest.approx(1.0)

@@ -847,12 +847,27 @@ def _render(
     # slice profile / reconstruction kernel, then correlated noise
     img, lab = cv.img, cv.lab
     cv.tex = cv.img = None  # type: ignore[assignment]  # release memory before blurring
-    perm = acq["perm"]  # array axis a runs along physical axis perm[a]; z is the slice direction
-    for a in range(3):
-        img = _blur_axis(img, 2 - a, acq["blur_xy"] if perm[a] < 2 else acq["blur_z"])
+    img = acquisition_blur(img, acq)
     img += _shape_noise(_rng(seed, 3).standard_normal(img.shape, dtype=_F32), acq)
     out = np.clip(np.rint(img), HU_MIN, HU_MAX).astype(np.int16)
     return out, lab, n_lesion
+
+
+def acquisition_blur(array: np.ndarray, acq: dict[str, Any]) -> np.ndarray:
+    """The acquisition's slice profile and reconstruction kernel (``blur_xy`` in-plane, ``blur_z`` across slices)
+    applied to a float32 array in numpy order, as rendering applies them to the torso."""
+    perm = acq["perm"]  # array axis a runs along physical axis perm[a]; z is the slice direction
+    for a in range(3):
+        array = _blur_axis(array, 2 - a, acq["blur_xy"] if perm[a] < 2 else acq["blur_z"])
+    return array
+
+
+def acquisition_noise(shape: Sequence[int], acq: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
+    """A fresh draw (float64, numpy order) of the noise an image of the acquisition ``acq`` carries: the correlated
+    Gaussian noise rendering adds, and the rounding to integer HU as white noise of variance 1/12, so that its power
+    spectrum is :func:`noise_power`'s."""
+    correlated = _shape_noise(rng.standard_normal(tuple(shape), dtype=_F32), acq).astype(np.float64)
+    return correlated + rng.standard_normal(tuple(shape)) * math.sqrt(1.0 / 12.0)
 
 
 def _shape_noise(white: np.ndarray, acq: dict[str, Any]) -> np.ndarray:
@@ -1084,6 +1099,23 @@ def lesion_acquisition(
     ``noise_hu`` and in-plane correlation ``noise_corr``, blur, and ``perm`` (the physical axis of each array
     axis), as :func:`noise_power` takes it."""
     return _lesion_setup(seed, size, spacing, orientation, oblique_deg, small)[2]
+
+
+def lesion_phantom_liver(
+    seed: int,
+    *,
+    size: tuple[int, int, int] | None = None,
+    spacing: tuple[float, float, float] | None = None,
+    orientation: str | None = None,
+    oblique_deg: float = 0.0,
+    small: bool = False,
+    **_: Any,
+) -> sitk.Image:
+    """Where :func:`make_lesion_phantom`'s case with these arguments (others are ignored) has liver: a 0/1 mask on
+    the case's grid. Every lesion lies inside it."""
+    anat, grid, acq, _ = _lesion_setup(seed, size, spacing, orientation, oblique_deg, small)
+    _, lab, _ = _render(anat, grid, acq, seed)
+    return _to_image((lab == SEG_LABELS["liver"]).astype(np.uint8), grid)
 
 
 def make_lesion_phantom(
