@@ -19,9 +19,9 @@ any classifier can reach on this set. The recorded detector runs' p(lesion) are 
 
 The searching observers (:class:`SearchingObserver`) still know the torso, but not whether, where or how large a
 lesion is: they scan prewhitening matched filters for balls of 3-20 mm over the liver. ``scan`` rates an image by
-the largest response, ``bayes`` by the likelihood ratio under the generator's lesion prior, which no observer
-beats. Both rate fresh draws of each case's noise (``--search-draws``), and every lesion case's ratings are
-compared with every normal case's. Their AUCs measure what the search alone costs.
+the largest response, ``bayes`` by the likelihood ratio under the generator's lesion prior (the best possible rating
+if the lesions were exactly its balls). Both rate fresh draws of each case's noise (``--search-draws``), and every
+lesion case's ratings are compared with every normal case's. Their AUCs measure what the search alone costs.
 
 Writes ``lesion_visibility.{json,md}`` to ``--out``.
 """
@@ -146,9 +146,9 @@ class SearchingObserver:
     ``scan`` rates an image by its largest ``|z|`` over sizes and liver voxels (either polarity). ``bayes`` is the
     likelihood ratio of "a lesion of the generator's prior (:func:`lesion_prior`), anywhere in the liver" against
     "noise alone": for a ball ``t`` of contrast ``c`` at ``x`` the log ratio is ``c n z(x) - (c n)^2 / 2`` with
-    ``n`` the ball's prewhitened norm, averaged over liver voxels and the prior. For this model of the task no
-    observer ranks images better than the likelihood ratio; the generator's lesions are slightly ellipsoidal balls,
-    so on real cases it is very nearly the best.
+    ``n`` the ball's prewhitened norm, averaged over liver voxels and the prior. Were the lesions exactly its balls,
+    no observer would rank images better; the generator's are rotated ellipsoids with their own edges, so it is a
+    strong observer, not a ceiling (on the held-out set it scores a little below ``scan``).
     """
 
     def __init__(self, liver: sitk.Image, acq: Dict[str, Any]):
@@ -279,7 +279,9 @@ def markdown(result: Dict[str, Any]) -> str:
         f"{', '.join(f'{r:g}' for r in result['search_radii_mm'])} mm are scanned over every liver voxel. *scan* "
         "rates an image by the largest response (in units of its noise standard deviation, either polarity); "
         "*bayes* by the likelihood ratio of a lesion drawn from the generator's prior (size, contrast, polarity), "
-        "anywhere in the liver, against noise alone, which no observer of this task beats. Each case is rated on "
+        "anywhere in the liver, against noise alone: no rating would be better if the lesions were exactly its balls, "
+        "but they are rotated ellipsoids with their own edges, so neither observer is an exact ceiling. Each case is "
+        "rated on "
         f"{result['search_draws']} fresh draws of its acquisition's noise, and each lesion case's AUC is taken "
         "against the ratings of every normal case. Vessels and other look-alikes are part of the known torso, so "
         "they never fool these observers: a network's task is harder still.",
