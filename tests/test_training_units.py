@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 
 from labelloop_app.training import PolyLR, attach_time_budget
 
@@ -63,3 +63,14 @@ def test_poly_decay_set_by_progress_in_a_plain_loop():
     assert rates[2] == pytest.approx(0.5 * 0.5**0.9)
     assert rates[3] == pytest.approx(0.5 * 0.02)  # (0.01 ** 0.9 = 0.016) is below the floor
     assert rates[4] == rates[5] == pytest.approx(0.5 * 0.02)
+
+
+def test_time_budget_validates_the_weights_reached_when_it_ends_mid_epoch():
+    """Epochs of 2 s against a 1 s budget: no epoch completes, so without the final validation the run would
+    publish nothing it learned."""
+    validated, completed = [], []
+    engine = Engine(lambda engine, batch: time.sleep(0.1))
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: completed.append(e.state.epoch))
+    attach_time_budget(engine, 1 / 60, SimpleNamespace(run=validated.append))
+    engine.run(range(20), max_epochs=5)
+    assert completed == [] and validated == [1]
