@@ -41,6 +41,10 @@ from labelloop_app.transforms import batch_items, intensity_transforms
 
 logger = logging.getLogger(__name__)
 
+HARD_NEGATIVE_DEFAULTS = {"hard_negatives": 0.5, "hard_negative_every": 100, "hard_negative_images": 8}
+"""Share of a mapped normal image's patches centred on its hard negatives; iterations between refreshes; images
+mapped per refresh."""
+
 
 class DetectorTrain(ClassificationTrain):
     """Patch training of the class-map network from findings; whole-volume, image-level validation.
@@ -62,15 +66,7 @@ class DetectorTrain(ClassificationTrain):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._config.update(
-            {
-                "patch": DEFAULT_PATCH,
-                "finding_weight": 20.0,
-                "hard_negatives": 0.5,
-                "hard_negative_every": 100,
-                "hard_negative_images": 8,
-            }
-        )
+        self._config.update({"patch": DEFAULT_PATCH, "finding_weight": 20.0, **HARD_NEGATIVE_DEFAULTS})
         self._skipped = 0
 
     def loss_function(self, context: Context):
@@ -116,7 +112,7 @@ class DetectorTrain(ClassificationTrain):
             FindingsToMaskd(),
             # where patches may be centred, computed once per image and cached with it
             FgBgToIndicesd(keys="label", **self._tissue_threshold()),
-            HardNegativeIndicesd(self._hard_negatives(context), float(context.request.get("hard_negatives", 0.5))),
+            HardNegativeIndicesd(self._hard_negatives(context), self._request(context, "hard_negatives")),
             # a wider crop around a finding voxel, then the patch anywhere in it: the finding lands anywhere
             # within a third of the patch of its centre, never always at the centre
             RandCropByPosNegLabeld(
@@ -137,6 +133,11 @@ class DetectorTrain(ClassificationTrain):
         ]
 
     @staticmethod
+    def _request(context: Context, key: str) -> float:
+        """A hard-negative setting of the request, or its default."""
+        return float(context.request.get(key, HARD_NEGATIVE_DEFAULTS[key]))
+
+    @staticmethod
     def _hard_negatives(context: Context) -> HardNegatives:
         """The run's hard negatives, shared by its training transforms and the handler that refreshes them."""
         if getattr(context, "hard_negatives", None) is None:
@@ -145,10 +146,10 @@ class DetectorTrain(ClassificationTrain):
 
     def finalize(self, context: Context):
         super().finalize(context)
-        if float(context.request.get("hard_negatives", 0.5)) <= 0:
+        if self._request(context, "hard_negatives") <= 0:
             return
-        every = max(1, int(context.request.get("hard_negative_every", 100)))
-        per_refresh = max(1, int(context.request.get("hard_negative_images", 8)))
+        every = max(1, int(self._request(context, "hard_negative_every")))
+        per_refresh = max(1, int(self._request(context, "hard_negative_images")))
         normals = [d for d in context.train_datalist if int(d["label"]) == 0]
         volume = Compose(self._deterministic())
         inferer = PatchWindowInferer(self._patch(context))
