@@ -56,7 +56,7 @@ from labelloop_app.synthetic import (
 HERE = Path(__file__).resolve().parent
 BANDS = ((0.0, 1.0), (1.0, 2.0), (2.0, 3.0), (3.0, 5.0), (5.0, 10.0), (10.0, math.inf))
 """d' bands of the table: AUC Phi(d'/sqrt 2) is 0.50-0.76, 0.76-0.92, 0.92-0.98, 0.98-1.00 and above."""
-RUNS = tuple(f"classification_detector_{n}.json" for n in (3, 4, 5, 6, 7, 8, 9))
+RUNS = tuple(f"classification_detector_{n}.json" for n in range(3, 11))
 """Recorded detector runs on this held-out set (``--extra-heldout 56``), shown beside the ceiling."""
 
 
@@ -69,14 +69,15 @@ def heldout_plan(extra: int) -> List[Dict[str, Any]]:
     return plan
 
 
-def _phantom_args(case: Dict[str, Any]) -> Dict[str, Any]:
+def phantom_args(case: Dict[str, Any]) -> Dict[str, Any]:
+    """The :func:`make_lesion_phantom` keywords of a :func:`cohort_plan` entry (its own ``lesion`` flag aside)."""
     return {k: v for k, v in case.items() if k not in ("id", "lesion")}
 
 
 def lesion_signal(case: Dict[str, Any]):
     """The lesion of ``case`` as it appears in the image (numpy order, HU): the case minus its lesion-free twin,
     rendered with the same noise; and the lesion's truth."""
-    args = _phantom_args(case)
+    args = phantom_args(case)
     with_lesion, info = make_lesion_phantom(lesion=True, **args)
     without, _ = make_lesion_phantom(lesion=False, **args)
     s = sitk.GetArrayFromImage(with_lesion).astype(np.float64) - sitk.GetArrayFromImage(without).astype(np.float64)
@@ -86,7 +87,7 @@ def lesion_signal(case: Dict[str, Any]):
 def detectability(case: Dict[str, Any], s: np.ndarray, info: Dict[str, Any], margin: int = 8) -> Dict[str, Any]:
     """The ideal observer's d' for the lesion ``s`` of ``case`` (a :func:`cohort_plan` entry with a lesion, see
     :func:`lesion_signal`), and the lesion's truth."""
-    args = _phantom_args(case)
+    args = phantom_args(case)
     support = np.argwhere(s != 0)
     if not len(support):  # the lesion lies outside the field of view
         return {**_truth(case, info), "d_prime": 0.0, "d_prime_npw": 0.0, "signal_voxels": 0}
@@ -194,7 +195,7 @@ class SearchingObserver:
 
 def search_ratings(case: Dict[str, Any], draws: int, signal: Optional[np.ndarray] = None) -> List[Dict[str, float]]:
     """The searching observers' ratings of ``draws`` noise draws of ``case`` (with its lesion ``signal``, if any)."""
-    args = _phantom_args(case)
+    args = phantom_args(case)
     observer = SearchingObserver(lesion_phantom_liver(**args), lesion_acquisition(**args))
     return observer.ratings(signal, draws, seed=int(case["seed"]))
 

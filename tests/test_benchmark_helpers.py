@@ -132,13 +132,20 @@ def test_ideal_observer_detectability_scales_with_contrast_and_bounds_the_matche
 def test_searching_observer_rates_noise_in_standard_units_and_finds_a_plain_lesion():
     """Each filter's response to the case's noise alone has unit standard deviation (so sizes are weighed alike),
     and a plain lesion rates far above what the noise alone reaches anywhere in the liver, for both observers."""
-    from lesion_visibility import SEARCH_RADII_MM, SearchingObserver, heldout_plan, lesion_prior, lesion_signal
+    from lesion_visibility import (
+        SEARCH_RADII_MM,
+        SearchingObserver,
+        heldout_plan,
+        lesion_prior,
+        lesion_signal,
+        phantom_args,
+    )
 
     from labelloop_app.synthetic import acquisition_noise, lesion_acquisition, lesion_phantom_liver
 
     case = next(c for c in heldout_plan(0) if c["lesion"])
     case = {**case, "lesion_radius_mm": 10.0, "lesion_contrast_hu": -40.0}
-    args = {k: v for k, v in case.items() if k not in ("id", "lesion")}
+    args = phantom_args(case)
     acq = lesion_acquisition(**args)
     observer = SearchingObserver(lesion_phantom_liver(**args), acq)
     assert observer.liver.any() and len(observer.filters) == len(SEARCH_RADII_MM)
