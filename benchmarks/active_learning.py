@@ -651,6 +651,7 @@ def write_study(
         },
         "summary": summary,
         **(extra(results) if extra else {}),
+        "notes": recorded_notes(args),
         "reference": reference,
         "runs": results,
         "cases": [{k: v for k, v in c.items() if k not in ("image", "label")} for c in pool],
@@ -661,6 +662,11 @@ def write_study(
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=1, default=float))
     (args.out / f"{name}.md").write_text(render(result))
     return result
+
+
+def recorded_notes(args: argparse.Namespace) -> List[str]:
+    """The written notes of the ``--resume`` study, kept so that adding seeds or strategies does not drop them."""
+    return json.loads(args.resume.read_text()).get("notes", []) if getattr(args, "resume", None) else []
 
 
 def write_results(args, argv, start, results, reference, pool, heldout, scorer) -> Dict[str, Any]:

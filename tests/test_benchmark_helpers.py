@@ -74,7 +74,7 @@ def test_resume_adds_strategies_or_seeds_to_a_recorded_study_but_refuses_another
     import argparse
     import json
 
-    from active_learning import resumed, study_arguments
+    from active_learning import recorded_notes, resumed, study_arguments
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--strategies", default="random,cls_entropy")
@@ -83,13 +83,16 @@ def test_resume_adds_strategies_or_seeds_to_a_recorded_study_but_refuses_another
     runs = {"random": {"0": [{"labels": 2, "auc": 0.5}]}, "cls_entropy": {"0": [{"labels": 2, "auc": 0.5}]}}
     path = tmp_path / "study.json"
     config = {k: v for k, v in recorded.items() if k not in ("out", "resume")}
-    path.write_text(json.dumps({"config": config, "runs": runs, "reference": [{"seed": 0}], "minutes": 30.0}))
+    notes = ["**Target missed**", "", "why"]
+    study = {"config": config, "runs": runs, "reference": [{"seed": 0}], "minutes": 30.0, "notes": notes}
+    path.write_text(json.dumps(study))
 
     args = ap.parse_args(["--strategies", "random,cls_finding", "--seeds", "2", "--resume", str(path)])
     results, reference, start = resumed(args, ["random", "cls_finding"], 1000.0)
     assert list(results) == ["random", "cls_entropy", "cls_finding"]  # recorded first, then the new one
     assert results["random"] == {0: runs["random"]["0"]} and results["cls_finding"] == {}
     assert reference == [{"seed": 0}] and start == 1000.0 - 1800.0
+    assert recorded_notes(args) == notes and recorded_notes(ap.parse_args([])) == []  # written notes carried over
     assert resumed(ap.parse_args([]), ["random"], 5.0) == ({"random": {}}, [], 5.0)
     redo = ap.parse_args(["--redo", "random,cls_entropy", "--resume", str(path)])
     results, reference, _ = resumed(redo, ["random", "cls_finding"], 0.0)
