@@ -61,6 +61,7 @@ from labelloop_app.activelearning.strategies import (
     Pool,
     RandomStrategy,
     ScoreStrategy,
+    centre_distances,
 )
 from labelloop_app.conf import SegmentationConf
 from labelloop_app.networks import segmentation_network
@@ -73,6 +74,7 @@ SEG_STRATEGIES = ("random", "entropy", "tta", "diversity", "hybrid")
 CLS_STRATEGIES = ("random", "cls_entropy", "cls_margin", "cls_least_confidence", "cls_finding")
 STRATEGIES = (*SEG_STRATEGIES, *CLS_STRATEGIES[1:])  # the index seeds each strategy's random stream
 UNCERTAIN = ("entropy", "tta", "hybrid", *CLS_STRATEGIES[1:])  # they need full scores of the unlabeled images
+EMBEDDED = ("diversity", "hybrid")  # they pick by distances in the embedding space
 SCORE_KEY = {"entropy": "entropy", "tta": "tta", "hybrid": "entropy", **{s: s[4:] for s in CLS_STRATEGIES[1:]}}
 """The stored score each uncertainty strategy ranks by."""
 
@@ -265,6 +267,8 @@ def run(
             key = SCORE_KEY[strategy]
             if key != "entropy":
                 row[f"{key}_rare_vs_common"] = _separation(state["records"], cases, unlabeled, key)
+        if strategy in EMBEDDED:
+            row["centre_distance_rare_vs_common"] = _embedding_separation(state["records"], cases, labeled)
         picks = []
         for j in range(min(args.batch, args.max_labels - len(labeled))):
             answer = chooser({"client_id": f"oracle{j}"}, None)
@@ -303,6 +307,15 @@ def _separation(
         return {}
     auc = float(np.mean([(r > c) + 0.5 * (r == c) for r in rare for c in common]))
     return {f"auc_{key}_rare": round(auc, 3), "mean_rare": float(np.mean(rare)), "mean_common": float(np.mean(common))}
+
+
+def _embedding_separation(records: Dict[str, Dict], cases: Dict[str, Dict], labeled: Sequence[str]) -> Dict[str, Any]:
+    """How well the distance to the nearest labeled case in the embedding space (what k-center greedy picks by)
+    tells the rare subgroup from the rest among the unlabeled images (AUC)."""
+    emb = {i: np.asarray(r["embedding"], dtype=np.float64) for i, r in records.items() if r.get("embedding")}
+    unlabeled = [i for i in cases if i not in labeled and i in emb]
+    distances = centre_distances(unlabeled, [i for i in labeled if i in emb], emb)
+    return _separation({i: {"centre_distance": d} for i, d in distances.items()}, cases, unlabeled, "centre_distance")
 
 
 def seed_training(trainer, seed: int) -> None:
@@ -432,6 +445,7 @@ def summarise(
         aucs = _separations(by_seed, "entropy")
         key = SCORE_KEY.get(strategy)
         own = _separations(by_seed, key) if key else []
+        distance = _separations(by_seed, "centre_distance")
         later = [n for n in labels if n > labels[0]]
         table[strategy] = {
             "labels": labels,
@@ -443,6 +457,7 @@ def summarise(
             "rare_fraction_picked": float(np.mean([p["rare"] for p in picked])) if picked else None,
             "entropy_auc_rare_vs_common": float(np.mean(aucs)) if aucs else None,
             "score_auc_rare_vs_common": float(np.mean(own)) if own else None,
+            "centre_distance_auc_rare_vs_common": float(np.mean(distance)) if distance else None,
             f"final_{m}_rare": float(np.nanmean([rows[-1][f"{m}_rare"] for rows in by_seed.values()])),
         }
     base = table.get("random", {}).get("labels_to_target")
@@ -512,8 +527,8 @@ def markdown(result: Dict[str, Any]) -> str:
         "",
         "| strategy | labels to reach the target | relative to random | per seed | mean Dice over rounds | "
         f"final Dice | final Dice on {rare} | {rare} among picks | entropy AUC {rare} vs the rest | "
-        f"AUC of the strategy's own score |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"AUC of the strategy's own score | AUC of the distance to the labeled cases (embedding) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def fmt(v, spec=".1f", missing="not reached"):
@@ -529,7 +544,8 @@ def markdown(result: Dict[str, Any]) -> str:
             f"{row['final_dice_rare']:.3f} | "
             f"{fmt(row['rare_fraction_picked'], '.0%')} | "
             f"{fmt(row['entropy_auc_rare_vs_common'], '.2f', 'not scored')} | "
-            f"{fmt(row.get('score_auc_rare_vs_common'), '.2f', '-')} |"
+            f"{fmt(row.get('score_auc_rare_vs_common'), '.2f', '-')} | "
+            f"{fmt(row.get('centre_distance_auc_rare_vs_common'), '.2f', '-')} |"
         )
     lines += ["", "![learning curves](active_learning.png)", "", *result.get("notes", [])]
     return "\n".join(lines) + "\n"

@@ -102,13 +102,7 @@ def kcenter_greedy(
     cands = list(candidates)
     if not cands or k <= 0:
         return []
-    x = np.stack([embeddings[i] for i in cands + list(centers)]).astype(np.float64)
-    x = (x - x.mean(axis=0)) / np.maximum(x.std(axis=0), 1e-8)
-    xc, xk = x[: len(cands)], x[len(cands) :]
-    if len(xk):
-        nearest = np.sqrt(((xc[:, None, :] - xk[None, :, :]) ** 2).sum(-1)).min(axis=1)
-    else:
-        nearest = np.full(len(cands), np.inf)
+    xc, nearest = _standardised_nearest(cands, centers, embeddings)
     taken = np.zeros(len(cands), dtype=bool)
     out: List[Tuple[str, Optional[float]]] = []
     for _ in range(min(k, len(cands))):
@@ -123,6 +117,30 @@ def kcenter_greedy(
         taken[j] = True
         nearest = np.minimum(nearest, np.sqrt(((xc - xc[j]) ** 2).sum(-1)))
     return out
+
+
+def _standardised_nearest(
+    candidates: Sequence[str], centers: Sequence[str], embeddings: Dict[str, np.ndarray]
+) -> Tuple[np.ndarray, np.ndarray]:
+    """The candidates' features standardised over candidates and centres, and each candidate's distance to its
+    nearest centre (infinite with no centre)."""
+    x = np.stack([embeddings[i] for i in list(candidates) + list(centers)]).astype(np.float64)
+    x = (x - x.mean(axis=0)) / np.maximum(x.std(axis=0), 1e-8)
+    xc, xk = x[: len(candidates)], x[len(candidates) :]
+    if not len(xk):
+        return xc, np.full(len(candidates), np.inf)
+    return xc, np.sqrt(((xc[:, None, :] - xk[None, :, :]) ** 2).sum(-1)).min(axis=1)
+
+
+def centre_distances(
+    candidates: Sequence[str], centers: Sequence[str], embeddings: Dict[str, np.ndarray]
+) -> Dict[str, float]:
+    """Each candidate's distance to its nearest centre in the standardised embedding space: the quantity the first
+    k-center pick maximises (for diagnostics: does the embedding set a subgroup apart?)."""
+    if not candidates:
+        return {}
+    _, nearest = _standardised_nearest(candidates, centers, embeddings)
+    return {i: float(d) for i, d in zip(candidates, nearest)}
 
 
 def _embeddings(pool: Pool, version: Optional[str]) -> Dict[str, np.ndarray]:
