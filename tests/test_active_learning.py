@@ -13,12 +13,16 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
+import torch
 
 from conftest import FAST_CONF, SMALL, datastore_json, start_server, stop_server, write_case
 from labelloop_app.activelearning.config import ActiveLearningConf
 from labelloop_app.activelearning.leases import LeaseBook
 from labelloop_app.activelearning.manager import ActiveLearning
+from labelloop_app.activelearning.segmentation import BottleneckEmbedding
+from labelloop_app.activelearning.strategies import centre_distances, kcenter_greedy
 from labelloop_app.class_labels import ClassLabelCheck
 from labelloop_app.datastore import LabelLoopDatastore
 from labelloop_app.model_file import ModelFile
@@ -355,3 +359,36 @@ def test_leases_are_thread_safe_and_expire():
     assert len(book.active()) == 50 - 1 + (got[0] == "img0") and lease.state(now[0])["expires_in"] == 10.0
     now[0] += 10.5
     assert book.active() == {}
+
+
+def test_bottleneck_embedding_keeps_each_channels_peak_over_space_and_windows():
+    """After instance normalisation every scan's spatial mean is zero; a scan's own bright spot survives as a peak."""
+    norm = torch.nn.InstanceNorm3d(2)
+    plain = torch.randn(1, 2, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    spot = plain.clone()
+    spot[0, 0, 2, 2, 6] += 40.0
+    vectors = []
+    for image in (plain, spot):
+        with BottleneckEmbedding(norm) as embedding:
+            windows = [norm(image[..., :4]), norm(image[..., 4:])]  # two sliding windows
+        norm(image * 100)  # after the block: no longer recorded
+        assert [float(w.mean(dim=(2, 3, 4)).abs().max()) for w in windows] == pytest.approx([0, 0], abs=1e-5)
+        peak = torch.maximum(*(w.amax(dim=(0, 2, 3, 4)) for w in windows))
+        assert embedding.vector() == pytest.approx(peak.tolist(), rel=1e-3)
+        vectors.append(embedding.vector())
+    assert vectors[1][0] > vectors[0][0] + 3 and vectors[1][1] == pytest.approx(vectors[0][1], rel=1e-3)
+
+
+def test_centre_distances_are_what_the_first_kcenter_pick_maximises():
+    rng = np.random.default_rng(0)
+    emb = {f"i{n}": rng.normal(size=5) for n in range(10)}
+    emb["odd"] = np.array([0.0, 0.0, 0.0, 0.0, 8.0])
+    centres = ["i0", "i1"]
+    candidates = [i for i in emb if i not in centres]
+    distances = centre_distances(candidates, centres, emb)
+    assert set(distances) == set(candidates) and all(d > 0 for d in distances.values())
+    (first, distance), *_ = kcenter_greedy(candidates, centres, emb, 3)
+    assert first == "odd" == max(distances, key=distances.get)
+    assert distance == pytest.approx(distances["odd"], abs=1e-4)
+    assert all(np.isinf(d) for d in centre_distances(candidates, [], emb).values())
+    assert centre_distances([], centres, emb) == {}

@@ -108,7 +108,8 @@ def test_a_study_repeats_exactly_with_the_same_seed(tmp_path):
 
     from active_learning import main
 
-    tiny = "--pool 6 --heldout 2 --seeds 1 --strategies random,entropy --initial 2 --batch 2 --max-labels 4"
+    tiny = "--pool 6 --rare-every 3 --heldout 2 --seeds 1 --strategies random,entropy,diversity"
+    tiny += " --initial 2 --batch 2 --max-labels 4"
     runs = []
     for k in range(2):
         argv = [*tiny.split(), "--warmup-steps", "5", "--steps", "5", "--threads", "1", "--out", str(tmp_path / str(k))]
@@ -117,6 +118,12 @@ def test_a_study_repeats_exactly_with_the_same_seed(tmp_path):
     curves = [{s: [r["dice"] for r in by_seed["0"]] for s, by_seed in run["runs"].items()} for run in runs]
     assert curves[0] == curves[1] and len(curves[0]["random"]) == 2
     assert runs[0]["reference"][0]["dice"] == runs[1]["reference"][0]["dice"]
+    # diversity's rounds record how well the embedding distance to the labeled cases sets the rare cases apart
+    separation = runs[0]["runs"]["diversity"]["0"][0]["centre_distance_rare_vs_common"]
+    assert 0.0 <= separation["auc_centre_distance_rare"] <= 1.0
+    summary = runs[0]["summary"]["strategies"]
+    assert summary["diversity"]["centre_distance_auc_rare_vs_common"] == separation["auc_centre_distance_rare"]
+    assert summary["random"]["centre_distance_auc_rare_vs_common"] is None
 
 
 def test_ideal_observer_detectability_scales_with_contrast_and_bounds_the_matched_filter():
