@@ -9,7 +9,7 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from labelloop_app.training import PolyLR, attach_time_budget
+from labelloop_app.training import PolyLR, PreprocessedImages, attach_time_budget
 
 
 def run_engine(handler_factory, epochs: int = 3, length: int = 4, sleep: float = 0.0):
@@ -74,3 +74,35 @@ def test_time_budget_validates_the_weights_reached_when_it_ends_mid_epoch():
     attach_time_budget(engine, 1 / 60, SimpleNamespace(run=validated.append))
     engine.run(range(20), max_epochs=5)
     assert completed == [] and validated == [1]
+
+
+def test_preprocessed_images_come_from_the_cache_dataset_and_the_rest_is_computed_once():
+    from monai.data import CacheDataset, Dataset
+    from monai.transforms import Compose, Lambdad, RandShiftIntensityd
+
+    calls = []
+
+    def double(x):
+        calls.append(1)
+        return torch.as_tensor(x) * 2
+
+    datalist = [{"image_id": f"i{k}", "image": torch.full((1, 2, 2, 2), float(k))} for k in range(3)]
+    deterministic = [Lambdad(keys="image", func=double)]
+    training = Compose([*deterministic, RandShiftIntensityd(keys="image", offsets=1.0, prob=1.0)])
+
+    cached = CacheDataset(datalist, training, cache_rate=1.0, num_workers=0, progress=False)
+    assert len(calls) == 3
+    images = PreprocessedImages(cached, datalist, Compose(deterministic))
+    for k in range(3):
+        assert torch.equal(images[f"i{k}"], torch.full((1, 2, 2, 2), 2.0 * k))
+        assert images[f"i{k}"].data_ptr() == cached._cache[k]["image"].data_ptr()  # the cached tensor, no copy
+    assert len(calls) == 3  # nothing preprocessed again
+
+    partly = CacheDataset(datalist, training, cache_num=1, num_workers=0, progress=False)
+    plain = Dataset(datalist, training)
+    for dataset, cached_ids in ((partly, ["i0"]), (plain, []), (None, [])):
+        calls.clear()
+        images = PreprocessedImages(dataset, datalist, Compose(deterministic))
+        for _ in range(2):
+            assert [float(images[f"i{k}"].max()) for k in range(3)] == [0.0, 2.0, 4.0]
+        assert len(calls) == 3 - len(cached_ids)  # each image not cached: once, then kept

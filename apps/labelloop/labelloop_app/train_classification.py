@@ -111,6 +111,7 @@ class ClassificationTrain(LabelLoopTrainTask):
 
     def train_data_loader(self, context: Context, num_workers=0, shuffle=True):
         dataset, datalist = self._dataset(context, context.train_datalist, is_train=True)
+        context.train_dataset, context.train_dataset_list = dataset, datalist  # for work on the cached images
         if not parse_bool(context.request.get("balance"), default=True):
             return self._dataloader(context, dataset, context.train_batch_size, num_workers, shuffle)
         weights = class_weights([d["label"] for d in datalist], len(self.conf.classes))

@@ -37,6 +37,7 @@ from labelloop_app.detector import (
     unwrapped,
 )
 from labelloop_app.train_classification import KEYS, ClassificationTrain
+from labelloop_app.training import PreprocessedImages
 from labelloop_app.transforms import batch_items, intensity_transforms
 
 logger = logging.getLogger(__name__)
@@ -150,18 +151,15 @@ class DetectorTrain(ClassificationTrain):
             return
         every = max(1, int(self._request(context, "hard_negative_every")))
         per_refresh = max(1, int(self._request(context, "hard_negative_images")))
-        normals = [d for d in context.train_datalist if int(d["label"]) == 0]
-        volume = Compose(self._deterministic())
+        datalist = getattr(context, "train_dataset_list", context.train_datalist)
+        normals = [d for d in datalist if int(d["label"]) == 0]
+        images = PreprocessedImages(getattr(context, "train_dataset", None), datalist, Compose(self._deterministic()))
         inferer = PatchWindowInferer(self._patch(context))
         hard = self._hard_negatives(context)
-        images: Dict[str, torch.Tensor] = {}
 
         def refresh(engine) -> None:
             start = (engine.state.iteration // every - 1) * per_refresh
             batch = [normals[(start + k) % len(normals)] for k in range(min(per_refresh, len(normals)))]
-            for d in batch:
-                if d["image_id"] not in images:  # preprocessed once, on first use
-                    images[d["image_id"]] = volume({"image": d["image"]})["image"].as_tensor()
             hard.refresh(context.network, {d["image_id"]: images[d["image_id"]] for d in batch}, inferer)
 
         if normals:

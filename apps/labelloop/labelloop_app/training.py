@@ -7,10 +7,11 @@ import logging
 import os
 import shutil
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from ignite.handlers import TimeLimit
+from monai.data import CacheDataset, SmartCacheDataset
 from monai.engines.workflow import Engine, Events
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 from monailabel.tasks.train.handler import PublishStatsAndModel, prepare_stats
@@ -161,6 +162,40 @@ class PublishWithHistory(PublishStatsAndModel):
                 atomic_copy(final_model, self._publish_path)
                 logger.info("New model published: %s => %s", final_model, self._publish_path)
         return stats
+
+
+class PreprocessedImages:
+    """Training images by id as the training dataset's deterministic transforms leave them, for work done during
+    training on whole images (mapping hard negatives).
+
+    A :class:`~monai.data.CacheDataset` already holds them: its cached item is returned as it is, neither computed
+    again nor copied. Otherwise (another dataset type, an item not cached) ``preprocess`` runs once per image and
+    the result is kept.
+    """
+
+    def __init__(self, dataset: Any, datalist: Sequence[Dict[str, Any]], preprocess: Callable[[Dict], Dict]):
+        self.dataset, self.preprocess = dataset, preprocess
+        self.items = {str(d["image_id"]): (i, d) for i, d in enumerate(datalist)}
+        self.computed: Dict[str, torch.Tensor] = {}
+
+    def cached(self, index: int) -> Optional[torch.Tensor]:
+        ds = self.dataset
+        if not isinstance(ds, CacheDataset) or isinstance(ds, SmartCacheDataset) or ds.hash_as_key:
+            return None  # a smart cache rotates its items; a hashed cache does not keep the datalist's order
+        cache = getattr(ds, "_cache", None)
+        item = cache[index] if cache is not None and 0 <= index < min(ds.cache_num, len(cache)) else None
+        image = item.get("image") if isinstance(item, dict) else None
+        return None if image is None else torch.as_tensor(image)
+
+    def __getitem__(self, image_id: str) -> torch.Tensor:
+        index, item = self.items[image_id]
+        image = self.cached(index)
+        if image is not None:
+            return image
+        if image_id not in self.computed:
+            logger.info("Preprocessing %s again: the training dataset does not cache it", image_id)
+            self.computed[image_id] = torch.as_tensor(self.preprocess({"image": item["image"]})["image"])
+        return self.computed[image_id]
 
 
 def metrics_of(engine: Optional[Engine], prefix: str) -> Dict[str, float]:
