@@ -53,6 +53,7 @@ from monai.data import CacheDataset
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import Compose
 
+from labelloop_app.activelearning.config import FEATURES
 from labelloop_app.activelearning.leases import LeaseBook
 from labelloop_app.activelearning.segmentation import SegmentationScorer, window_size
 from labelloop_app.activelearning.strategies import (
@@ -192,7 +193,9 @@ class Trainer:
 # ------------------------------------------------------------------------------------------------------------------
 # one annotation run
 # ------------------------------------------------------------------------------------------------------------------
-def make_strategy(name: str, leases: LeaseBook, pool_fn, rng: random.Random, hybrid_pool: float):
+def make_strategy(
+    name: str, leases: LeaseBook, pool_fn, rng: random.Random, hybrid_pool: float, features: str = "bottleneck"
+):
     """The server's strategy classes, fed by the study's pool instead of a datastore."""
     args = (leases, pool_fn)
     if name == "random":
@@ -202,9 +205,9 @@ def make_strategy(name: str, leases: LeaseBook, pool_fn, rng: random.Random, hyb
     if name in CLS_STRATEGIES[1:]:
         return ScoreStrategy(name, name, name[len("cls_") :], "classification", *args, rng=rng)
     if name == "diversity":
-        return DiversityStrategy(*args, rng=rng)
+        return DiversityStrategy(*args, features=features, rng=rng)
     if name == "hybrid":
-        return HybridStrategy(*args, fraction=hybrid_pool, rng=rng)
+        return HybridStrategy(*args, fraction=hybrid_pool, features=features, rng=rng)
     raise ValueError(name)
 
 
@@ -239,7 +242,8 @@ def run(
             model_version=state["version"],
         )
 
-    chooser = make_strategy(strategy, leases, pool_fn, rng, getattr(args, "hybrid_pool", 0.5))
+    features = getattr(args, "diversity_features", "bottleneck")
+    chooser = make_strategy(strategy, leases, pool_fn, rng, getattr(args, "hybrid_pool", 0.5), features)
     rounds = []
     for r in range(math.ceil((args.max_labels - args.initial) / args.batch) + 1):
         train_s = trainer.train(network, labeled, args.steps, rng) if r > 0 else 0.0
@@ -268,7 +272,8 @@ def run(
             if key != "entropy":
                 row[f"{key}_rare_vs_common"] = _separation(state["records"], cases, unlabeled, key)
         if strategy in EMBEDDED:
-            row["centre_distance_rare_vs_common"] = _embedding_separation(state["records"], cases, labeled)
+            key = FEATURES[features]
+            row["centre_distance_rare_vs_common"] = _embedding_separation(state["records"], cases, labeled, key)
         picks = []
         for j in range(min(args.batch, args.max_labels - len(labeled))):
             answer = chooser({"client_id": f"oracle{j}"}, None)
@@ -309,10 +314,12 @@ def _separation(
     return {f"auc_{key}_rare": round(auc, 3), "mean_rare": float(np.mean(rare)), "mean_common": float(np.mean(common))}
 
 
-def _embedding_separation(records: Dict[str, Dict], cases: Dict[str, Dict], labeled: Sequence[str]) -> Dict[str, Any]:
-    """How well the distance to the nearest labeled case in the embedding space (what k-center greedy picks by)
-    tells the rare subgroup from the rest among the unlabeled images (AUC)."""
-    emb = {i: np.asarray(r["embedding"], dtype=np.float64) for i, r in records.items() if r.get("embedding")}
+def _embedding_separation(
+    records: Dict[str, Dict], cases: Dict[str, Dict], labeled: Sequence[str], key: str = "embedding"
+) -> Dict[str, Any]:
+    """How well the distance to the nearest labeled case in the embedding space ``key`` (what k-center greedy
+    picks by) tells the rare subgroup from the rest among the unlabeled images (AUC)."""
+    emb = {i: np.asarray(r[key], dtype=np.float64) for i, r in records.items() if r.get(key)}
     unlabeled = [i for i in cases if i not in labeled and i in emb]
     distances = centre_distances(unlabeled, [i for i in labeled if i in emb], emb)
     return _separation({i: {"centre_distance": d} for i, d in distances.items()}, cases, unlabeled, "centre_distance")
@@ -570,6 +577,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mc-samples", type=int, default=8)
     ap.add_argument("--scoring-spacing-factor", type=float, default=2.0, help="as --conf scoring_spacing_factor")
     ap.add_argument("--hybrid-pool", type=float, default=0.5)
+    ap.add_argument("--diversity-features", choices=tuple(FEATURES), default="bottleneck", help="as --conf")
     study_arguments(ap)
     args = ap.parse_args(argv)
     strategies = parse_strategies(ap, args.strategies, SEG_STRATEGIES)
@@ -629,7 +637,7 @@ def resumed(
     runs = {s: {int(seed): rounds for seed, rounds in by_seed.items()} for s, by_seed in previous["runs"].items()}
     for name in (s.strip() for s in args.redo.split(",")):
         runs.pop(name, None)
-    reference = list(previous["reference"])
+    reference = list(previous["reference"])[: args.seeds]  # a study of fewer seeds keeps their references only
     print(f"resumed {len(reference)} seed(s) of {', '.join(runs)} from {args.resume}", flush=True)
     runs.update({s: {} for s in strategies if s not in runs})
     return runs, reference, start - 60.0 * float(previous.get("minutes", 0.0))

@@ -99,6 +99,9 @@ def test_resume_adds_strategies_or_seeds_to_a_recorded_study_but_refuses_another
     assert results == {"random": {}, "cls_finding": {}} and reference == [{"seed": 0}]  # only the references kept
     with pytest.raises(SystemExit, match="steps=300"):
         resumed(ap.parse_args(["--steps", "200", "--resume", str(path)]), ["random"], 0.0)
+    path.write_text(json.dumps({**study, "reference": [{"seed": 0}, {"seed": 1}]}))
+    fewer = ap.parse_args(["--seeds", "1", "--resume", str(path)])
+    assert resumed(fewer, ["random"], 0.0)[1] == [{"seed": 0}]  # a study of fewer seeds: their references only
 
 
 def test_a_study_repeats_exactly_with_the_same_seed(tmp_path):

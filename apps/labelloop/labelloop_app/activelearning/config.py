@@ -7,6 +7,9 @@ from typing import Mapping
 
 from labelloop_app.conf import ConfError, parse_bool
 
+FEATURES = {"bottleneck": "embedding", "appearance": "appearance"}
+"""What ``diversity`` and ``hybrid`` measure distances in (``--conf diversity_features``) -> the scores' key."""
+
 
 def _number(conf: Mapping[str, str], key: str, default: float, kind: type, low: float) -> float:
     raw = conf.get(key)
@@ -32,6 +35,9 @@ class ActiveLearningConf:
     MC-dropout passes per image. ``hybrid_pool``: the fraction of most uncertain images among which ``hybrid``
     picks the most different one. ``scoring_threads``: torch CPU threads of the scoring thread (inference keeps
     its own). ``auto_scoring``: score in the background after each training run and when a strategy is asked.
+    ``diversity_features``: what ``diversity`` and ``hybrid`` measure distances in: ``bottleneck`` (the network's
+    deepest features, averaged over space) or ``appearance`` (how each segmented structure looks: its intensity
+    under the model's prediction, and its size).
     """
 
     lease_seconds: float = 1800.0
@@ -41,12 +47,16 @@ class ActiveLearningConf:
     hybrid_pool: float = 0.5
     scoring_threads: int = 1
     auto_scoring: bool = True
+    diversity_features: str = "bottleneck"
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, str]) -> ActiveLearningConf:
         pool = _number(conf, "hybrid_pool", cls.hybrid_pool, float, 0.0)
         if not 0.0 < pool <= 1.0:
             raise ConfError(f"--conf hybrid_pool must be in (0, 1], got {conf.get('hybrid_pool')!r}")
+        features = str(conf.get("diversity_features", cls.diversity_features)).strip().lower()
+        if features not in FEATURES:
+            raise ConfError(f"--conf diversity_features must be one of {', '.join(FEATURES)}, got {features!r}")
         return cls(
             lease_seconds=_number(conf, "lease_seconds", cls.lease_seconds, float, 1.0),
             scoring_max_images=_number(conf, "scoring_max_images", cls.scoring_max_images, int, 1),
@@ -55,4 +65,5 @@ class ActiveLearningConf:
             hybrid_pool=pool,
             scoring_threads=_number(conf, "scoring_threads", cls.scoring_threads, int, 1),
             auto_scoring=parse_bool(conf.get("auto_scoring"), cls.auto_scoring),
+            diversity_features=features,
         )

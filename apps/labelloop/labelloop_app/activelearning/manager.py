@@ -120,8 +120,9 @@ class ActiveLearning:
                 "segmentation",
                 *args,
             )
-            s["diversity"] = DiversityStrategy(*args)
-            s["hybrid"] = HybridStrategy(*args, fraction=self.conf.hybrid_pool)
+            features = self.conf.diversity_features
+            s["diversity"] = DiversityStrategy(*args, features=features)
+            s["hybrid"] = HybridStrategy(*args, fraction=self.conf.hybrid_pool, features=features)
         if "classification" in self.tasks:
             for key in MEASURES:
                 s[f"cls_{key}"] = ScoreStrategy(
@@ -215,7 +216,7 @@ class ActiveLearning:
 
         def scores(image_id: str) -> Dict[str, Any]:
             record = pool.records.get(image_id) or {}
-            return {key: v for key, v in record.items() if key != "embedding"}
+            return {key: v for key, v in record.items() if key not in ("embedding", "appearance")}
 
         items: List[Dict[str, Any]] = []
         for rank, pick in enumerate(picks[:k], start=1):

@@ -17,6 +17,7 @@ import numpy as np
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
+from labelloop_app.activelearning.config import FEATURES
 from labelloop_app.activelearning.leases import Lease, LeaseBook, anonymous_client
 
 
@@ -79,12 +80,12 @@ def score_order(pool: Pool, key: str, task: str, rng: Optional[random.Random] = 
     return picks + [Pick(i, None, key, None, {"unscored": True}) for i in rest], None
 
 
-def embedding_version(pool: Pool) -> Optional[str]:
-    """Model version whose embeddings cover the most images (the current model wins ties): distances are only
-    meaningful between embeddings of the same network."""
+def embedding_version(pool: Pool, key: str = "embedding") -> Optional[str]:
+    """Model version whose embeddings (``key`` of the records) cover the most images (the current model wins
+    ties): distances are only meaningful between embeddings of the same network."""
     counts: Dict[str, int] = {}
     for record in pool.records.values():
-        if record.get("embedding"):
+        if record.get(key):
             v = record.get("model_version") or ""
             counts[v] = counts.get(v, 0) + 1
     if not counts:
@@ -143,18 +144,21 @@ def centre_distances(
     return {i: float(d) for i, d in zip(candidates, nearest)}
 
 
-def _embeddings(pool: Pool, version: Optional[str]) -> Dict[str, np.ndarray]:
-    return {
-        i: np.asarray(r["embedding"], dtype=np.float64)
+def _embeddings(pool: Pool, key: str) -> Tuple[Optional[str], Dict[str, np.ndarray]]:
+    """The model version the embeddings ``key`` are compared under, and the embeddings of that version."""
+    version = embedding_version(pool, key)
+    return version, {
+        i: np.asarray(r[key], dtype=np.float64)
         for i, r in pool.records.items()
-        if r.get("embedding") and (r.get("model_version") or "") == version
+        if r.get(key) and (r.get("model_version") or "") == version
     }
 
 
-def diversity_order(pool: Pool, k: int, task: str, rng: Optional[random.Random] = None) -> Order:
-    """k-center greedy in the bottleneck-embedding space; labeled and leased images are the centres."""
-    version = embedding_version(pool)
-    emb = _embeddings(pool, version)
+def diversity_order(
+    pool: Pool, k: int, task: str, rng: Optional[random.Random] = None, key: str = "embedding"
+) -> Order:
+    """k-center greedy in the embedding space ``key``; labeled and leased images are the centres."""
+    version, emb = _embeddings(pool, key)
     cands = [i for i in pool.available if i in emb]
     if not pool.model_version or not cands:
         return random_order(pool, rng), no_scores_reason(pool, task, "embeddings")
@@ -164,12 +168,13 @@ def diversity_order(pool: Pool, k: int, task: str, rng: Optional[random.Random] 
     return picks + _rest(pool, [p.image_id for p in picks], rng), None
 
 
-def hybrid_order(pool: Pool, k: int, task: str, fraction: float, rng: Optional[random.Random] = None) -> Order:
+def hybrid_order(
+    pool: Pool, k: int, task: str, fraction: float, rng: Optional[random.Random] = None, key: str = "embedding"
+) -> Order:
     """Uncertainty x diversity: the ``fraction`` most uncertain images (MC-dropout entropy) form the pool, and
     k-center greedy picks among them the one least like anything labeled or leased. The uncertainty filter finds
     the hard cases; the k-center step keeps a batch from being several copies of the same hard case."""
-    version = embedding_version(pool)
-    emb = _embeddings(pool, version)
+    version, emb = _embeddings(pool, key)
     scored = [i for i in pool.available if pool.records.get(i, {}).get("entropy") is not None and i in emb]
     if not pool.model_version or not scored:
         return random_order(pool, rng), no_scores_reason(pool, task, "entropy scores and embeddings")
@@ -286,30 +291,34 @@ class ScoreStrategy(LeasingStrategy):
         return score_order(pool, self.key, self.task, self.rng)
 
 
+FEATURE_WORDS = {"bottleneck": "the network's bottleneck-embedding space", "appearance": "how its structures look"}
+
+
 class DiversityStrategy(LeasingStrategy):
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, features: str = "bottleneck", **kwargs):
         super().__init__(
             "diversity",
-            "Core-set: the image farthest, in the network's bottleneck-embedding space, from every labeled or leased "
-            "image",
+            f"Core-set: the image farthest, in {FEATURE_WORDS[features]}, from every labeled or leased image",
             *args,
             **kwargs,
         )
+        self.key = FEATURES[features]
 
     def order(self, pool: Pool, k: int) -> Order:
-        return diversity_order(pool, k, self.task, self.rng)
+        return diversity_order(pool, k, self.task, self.rng, self.key)
 
 
 class HybridStrategy(LeasingStrategy):
-    def __init__(self, *args, fraction: float = 0.5, **kwargs):
+    def __init__(self, *args, fraction: float = 0.5, features: str = "bottleneck", **kwargs):
         super().__init__(
             "hybrid",
-            f"Among the {fraction:.0%} most uncertain images (MC-dropout entropy), the one farthest from every "
-            "labeled or leased image (core-set)",
+            f"Among the {fraction:.0%} most uncertain images (MC-dropout entropy), the one farthest, in "
+            f"{FEATURE_WORDS[features]}, from every labeled or leased image (core-set)",
             *args,
             **kwargs,
         )
         self.fraction = fraction
+        self.key = FEATURES[features]
 
     def order(self, pool: Pool, k: int) -> Order:
-        return hybrid_order(pool, k, self.task, self.fraction, self.rng)
+        return hybrid_order(pool, k, self.task, self.fraction, self.rng, self.key)
