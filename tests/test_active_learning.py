@@ -21,9 +21,16 @@ from conftest import FAST_CONF, SMALL, datastore_json, start_server, stop_server
 from labelloop_app.activelearning.config import ActiveLearningConf
 from labelloop_app.activelearning.leases import LeaseBook
 from labelloop_app.activelearning.manager import ActiveLearning
-from labelloop_app.activelearning.segmentation import BottleneckEmbedding
-from labelloop_app.activelearning.strategies import centre_distances, kcenter_greedy
+from labelloop_app.activelearning.segmentation import BottleneckEmbedding, appearance
+from labelloop_app.activelearning.strategies import (
+    DiversityStrategy,
+    HybridStrategy,
+    Pool,
+    centre_distances,
+    kcenter_greedy,
+)
 from labelloop_app.class_labels import ClassLabelCheck
+from labelloop_app.conf import ConfError
 from labelloop_app.datastore import LabelLoopDatastore
 from labelloop_app.model_file import ModelFile
 
@@ -152,6 +159,7 @@ def test_scoring_writes_scores_skips_scored_images_and_inference_stays_responsiv
         assert rec["model_version"] == version
         assert 0.0 <= rec["entropy"] <= 1.0 and 0.0 <= rec["tta"] <= 1.0 and 0.0 <= rec["mutual_information"] <= 1.0
         assert len(rec["embedding"]) == 384 and any(v != 0 for v in rec["embedding"])
+        assert len(rec["appearance"]) == 3 * 4  # mean, spread and share of each of the 4 organs
         assert rec["seconds"] == result["per_image"][image_id] > 0
         assert rec["spacing"] == [6.0, 6.0, 8.0]  # twice the inference spacing
     assert len({rec["entropy"] for rec in stored.values()}) > 1
@@ -162,6 +170,7 @@ def test_scoring_writes_scores_skips_scored_images_and_inference_stays_responsiv
     assert all(after[i]["ts"] == stored[i]["ts"] for i in stored), "already scored images were scored again"
     labeled = set(after) - unlabeled_ids(al)
     assert len(labeled) == N_LABELED and all("entropy" not in after[i] and after[i]["embedding"] for i in labeled)
+    assert all(after[i]["appearance"] for i in labeled)  # the centres of diversity with appearance features
 
     third = al.post("/scoring/segmentation?run_sync=true").json()["result"]
     assert third["scored"] == 0 and third["skipped"] == N_LABELED + N_UNLABELED
@@ -361,22 +370,56 @@ def test_leases_are_thread_safe_and_expire():
     assert book.active() == {}
 
 
-def test_bottleneck_embedding_keeps_each_channels_peak_over_space_and_windows():
-    """After instance normalisation every scan's spatial mean is zero; a scan's own bright spot survives as a peak."""
-    norm = torch.nn.InstanceNorm3d(2)
-    plain = torch.randn(1, 2, 8, 8, 8, generator=torch.Generator().manual_seed(0))
-    spot = plain.clone()
-    spot[0, 0, 2, 2, 6] += 40.0
-    vectors = []
-    for image in (plain, spot):
-        with BottleneckEmbedding(norm) as embedding:
-            windows = [norm(image[..., :4]), norm(image[..., 4:])]  # two sliding windows
-        norm(image * 100)  # after the block: no longer recorded
-        assert [float(w.mean(dim=(2, 3, 4)).abs().max()) for w in windows] == pytest.approx([0, 0], abs=1e-5)
-        peak = torch.maximum(*(w.amax(dim=(0, 2, 3, 4)) for w in windows))
-        assert embedding.vector() == pytest.approx(peak.tolist(), rel=1e-3)
-        vectors.append(embedding.vector())
-    assert vectors[1][0] > vectors[0][0] + 3 and vectors[1][1] == pytest.approx(vectors[0][1], rel=1e-3)
+def test_bottleneck_embedding_averages_over_space_and_windows():
+    layer = torch.nn.Conv3d(1, 3, 1)
+    image = torch.randn(1, 1, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    with BottleneckEmbedding(layer) as embedding:
+        windows = [layer(image[..., :4]), layer(image[..., 4:])]  # two sliding windows
+    layer(image * 100)  # after the block: no longer recorded
+    mean = torch.stack([w.mean(dim=(0, 2, 3, 4)) for w in windows]).mean(dim=0)
+    assert embedding.vector() == pytest.approx(mean.tolist(), rel=1e-3, abs=1e-6)
+
+
+def test_appearance_is_each_structures_weighted_intensity_spread_and_share():
+    image = np.zeros((4, 4, 4), dtype=np.float32)
+    image[:2] = 0.8  # organ 1, half of it brighter
+    image[0] = 1.0
+    image[2:, :2] = 0.3  # organ 2
+    probabilities = np.zeros((3, 4, 4, 4), dtype=np.float32)
+    probabilities[1, :2] = 1.0
+    probabilities[2, 2:, :2] = 0.5  # an unsure organ: weights, not counts
+    body = np.ones((4, 4, 4), dtype=bool)
+    out = appearance(image, probabilities, body)
+    assert out == pytest.approx([0.9, 0.1, 0.5, 0.3, 0.0, 0.125])
+    probabilities[2] = 0.0  # an organ the model does not find
+    assert appearance(image, probabilities, body)[3:] == [0.0, 0.0, 0.0]
+    native = appearance(image * 0.5, np.concatenate([probabilities[:2], probabilities[1:2]]), body)
+    assert native[0] == pytest.approx(0.45)  # the same structures, darker: what sets a contrast phase apart
+
+
+def test_diversity_features_are_chosen_by_conf_and_named_in_the_description():
+    assert ActiveLearningConf.from_conf({}).diversity_features == "bottleneck"
+    assert ActiveLearningConf.from_conf({"diversity_features": "Appearance"}).diversity_features == "appearance"
+    with pytest.raises(ConfError, match="diversity_features must be one of bottleneck, appearance"):
+        ActiveLearningConf.from_conf({"diversity_features": "pixels"})
+    # the two embeddings disagree: the bottleneck calls "b" the odd one, the appearance "a"
+    records = {
+        "l": {"embedding": [0.0, 0.0], "appearance": [0.0, 0.0]},
+        "a": {"embedding": [0.1, 0.0], "appearance": [9.0, 0.0]},
+        "b": {"embedding": [9.0, 0.0], "appearance": [0.1, 0.0]},
+        "c": {"embedding": [0.0, 0.1], "appearance": [0.0, 0.1]},
+    }
+    records = {i: {**r, "model_version": "v1"} for i, r in records.items()}
+    pool = Pool(available=["a", "b", "c"], labeled=["l"], leased={}, records=records, model_version="v1")
+    book = LeaseBook(60)
+    for features, first in (("bottleneck", "b"), ("appearance", "a")):
+        strategy = DiversityStrategy(book, lambda *a: pool, features=features)
+        assert strategy.order(pool, 1)[0][0].image_id == first
+        assert ("how its structures look" in strategy.description) == (features == "appearance")
+        hybrid = HybridStrategy(book, lambda *a: pool, fraction=1.0, features=features)
+        entropies = {i: {**records[i], "entropy": 0.5} for i in records}
+        scored = Pool(available=["a", "b", "c"], labeled=["l"], leased={}, records=entropies, model_version="v1")
+        assert hybrid.order(scored, 1)[0][0].image_id == first
 
 
 def test_centre_distances_are_what_the_first_kcenter_pick_maximises():
