@@ -23,7 +23,6 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
 from monai.inferers import Inferer, SimpleInferer
 from monai.transforms import Activationsd
 from monailabel.interfaces.tasks.infer_v2 import InferType
@@ -41,7 +40,7 @@ from labelloop_app.explain import RestoreMapd, explain_method, gradcam_map, occl
 from labelloop_app.geometry import UnreadableImageError, write_image
 from labelloop_app.model_file import VersionedInferTask
 from labelloop_app.networks import CAM_LAYERS
-from labelloop_app.transforms import volume_transforms
+from labelloop_app.transforms import plain_tensor, volume_transforms
 from labelloop_app.uncertainty import MEASURES
 
 logger = logging.getLogger(__name__)
@@ -106,7 +105,7 @@ class ClassificationInfer(VersionedInferTask):
         logits = torch.as_tensor(data[self.output_label_key]).detach().float().reshape(-1)
         index = self._explain_class(data, logits)
         image = data[self.input_key]
-        image = (image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)).to(device)
+        image = plain_tensor(image).to(device)
         if method == "gradcam":
             data["explanation"] = gradcam_map(network, image, index, CAM_LAYERS[self.conf.network])
         else:

@@ -16,6 +16,8 @@ from monai.engines.workflow import Engine, Events
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 from monailabel.tasks.train.handler import PublishStatsAndModel, prepare_stats
 
+from labelloop_app.transforms import plain_tensor
+
 logger = logging.getLogger(__name__)
 
 
@@ -185,7 +187,7 @@ class PreprocessedImages:
         cache = getattr(ds, "_cache", None)
         item = cache[index] if cache is not None and 0 <= index < min(ds.cache_num, len(cache)) else None
         image = item.get("image") if isinstance(item, dict) else None
-        return None if image is None else torch.as_tensor(image)
+        return None if image is None else plain_tensor(image)
 
     def __getitem__(self, image_id: str) -> torch.Tensor:
         index, item = self.items[image_id]
@@ -194,7 +196,7 @@ class PreprocessedImages:
             return image
         if image_id not in self.computed:
             logger.info("Preprocessing %s again: the training dataset does not cache it", image_id)
-            self.computed[image_id] = torch.as_tensor(self.preprocess({"image": item["image"]})["image"])
+            self.computed[image_id] = plain_tensor(self.preprocess({"image": item["image"]})["image"])
         return self.computed[image_id]
 
 

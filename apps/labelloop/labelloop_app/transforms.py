@@ -56,6 +56,12 @@ class LoadSITKd(MapTransform):
         return d
 
 
+def plain_tensor(t) -> torch.Tensor:
+    """A MetaTensor's data as a plain tensor (a view, no copy); anything else through ``torch.as_tensor``. Plain
+    tensors skip MetaTensor's per-operation bookkeeping where no metadata is needed."""
+    return t.as_tensor() if isinstance(t, MetaTensor) else torch.as_tensor(t)
+
+
 def intensity_transforms(keys: KeysCollection, modality: str, ct_window: Sequence[float]) -> List[Transform]:
     """CT: clip to a window and scale to [0, 1]. MR: z-score over the non-zero voxels (no absolute units in MR)."""
     if modality == "MR":

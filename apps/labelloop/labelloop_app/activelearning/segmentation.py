@@ -32,7 +32,7 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from labelloop_app.activelearning.records import read_records, store_record
 from labelloop_app.conf import SegmentationConf
 from labelloop_app.networks import segmentation_network
-from labelloop_app.transforms import LoadSITKd, intensity_transforms
+from labelloop_app.transforms import LoadSITKd, intensity_transforms, plain_tensor
 from labelloop_app.uncertainty import disagreement, entropy, mutual_information
 
 logger = logging.getLogger(__name__)
@@ -139,11 +139,6 @@ def appearance(image: np.ndarray, probabilities: np.ndarray, body: np.ndarray) -
         std = math.sqrt(max(float((p * (image - mean) ** 2).sum() / mass), 0.0))
         out += [round(mean, 5), round(std, 5), round(mass / volume, 5)]
     return out
-
-
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    """MONAI transforms return MetaTensors; the scores need plain tensors."""
-    return t.as_tensor() if hasattr(t, "as_tensor") else t
 
 
 def window_size(shape: Sequence[int], roi: Sequence[int], multiple: int = 16) -> Tuple[int, ...]:
@@ -259,12 +254,12 @@ class SegmentationScorer:
                 return record
             reference = plain.argmax(0)
 
-            augmented = torch.stack([_plain(TTA[name][0](image[0])) for name in self.tta])
+            augmented = torch.stack([plain_tensor(TTA[name][0](image[0])) for name in self.tta])
             aug_probs = torch.softmax(inferer(augmented, predictor), dim=1)
             aug_labels = []
             for name, probs in zip(self.tta, aug_probs):
                 inverse = TTA[name][1]
-                aug_labels.append(_plain(inverse(probs) if inverse is not None else probs).argmax(0))
+                aug_labels.append(plain_tensor(inverse(probs) if inverse is not None else probs).argmax(0))
             aug_labels = torch.stack(aug_labels)
 
             enable_mc_dropout(network)
