@@ -248,7 +248,8 @@ class SegmentationScorer:
                 plain = torch.softmax(inferer(image, predictor), dim=1)[0]
             record: Dict[str, Any] = {"embedding": embedding.vector()}
             normalised = image[0, 0].cpu().numpy()
-            record["appearance"] = appearance(normalised, plain.cpu().numpy(), self.body_mask(normalised))
+            body = self.body_mask(normalised)
+            record["appearance"] = appearance(normalised, plain.cpu().numpy(), body)
             if embedding_only:
                 record["network_calls"] = calls
                 return record
@@ -272,7 +273,6 @@ class SegmentationScorer:
         ref = reference.cpu().numpy()
         mc = mc_probs.cpu().numpy()
         aug = aug_labels.cpu().numpy()
-        body = self.body_mask(normalised)
         foreground = (mc.argmax(1) != 0).any(0) | (ref != 0)
         voxel_entropy = entropy(mc.mean(0))
         voxel_mi = mutual_information(mc)
