@@ -43,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -439,10 +439,7 @@ def summarise(
     table = {}
     for strategy, by_seed in results.items():
         labels = sorted({row["labels"] for rows in by_seed.values() for row in rows})
-        mean = {
-            n: float(np.mean([row[m] for rows in by_seed.values() for row in rows if row["labels"] == n]))
-            for n in labels
-        }
+        mean = mean_curve(by_seed, by_seed, m)
         std = {
             n: float(np.std([row[m] for rows in by_seed.values() for row in rows if row["labels"] == n]))
             for n in labels
@@ -468,10 +465,43 @@ def summarise(
             f"final_{m}_rare": float(np.nanmean([rows[-1][f"{m}_rare"] for rows in by_seed.values()])),
         }
     base = table.get("random", {}).get("labels_to_target")
-    for row in table.values():
+    for strategy, row in table.items():
         own = row["labels_to_target"]
         row["relative_to_random"] = (own / base) if (own is not None and base) else None
+        row["relative_to_random_interval"] = relative_interval(results, strategy, target, m)
     return {f"reference_{m}": ref, f"target_{m}": target, "fraction": fraction, "metric": m, "strategies": table}
+
+
+def mean_curve(by_seed: Dict[int, List[Dict]], seeds: Iterable[int], metric: str) -> Dict[int, float]:
+    """The mean of ``metric`` over ``seeds`` (repeats count again) per number of labels."""
+    values: Dict[int, List[float]] = {}
+    for seed in seeds:
+        for row in by_seed[seed]:
+            values.setdefault(row["labels"], []).append(row[metric])
+    return {n: float(np.mean(v)) for n, v in sorted(values.items())}
+
+
+def relative_interval(
+    results: Dict[str, Dict[int, List[Dict]]], strategy: str, target: float, metric: str, draws: int = 2000
+) -> Optional[List[float]]:
+    """A 95% bootstrap interval of a strategy's labels to ``target`` relative to random's, resampling the seeds
+    both ran (paired: a seed's runs share its warm start). A resample whose mean curve never reaches the target
+    counts as needing more labels than any that does (a bound of ``None``: never; dropped when random never does)."""
+    seeds = sorted(set(results.get(strategy, {})) & set(results.get("random", {})))
+    if strategy == "random" or len(seeds) < 2:
+        return None
+    rng = np.random.default_rng(0)
+    ratios = []
+    for _ in range(draws):
+        sample = rng.choice(seeds, size=len(seeds))
+        base = labels_to_reach(mean_curve(results["random"], sample, metric), target)
+        own = labels_to_reach(mean_curve(results[strategy], sample, metric), target)
+        if base:
+            ratios.append(own / base if own is not None else np.inf)
+    if not ratios:
+        return None
+    bounds = [float(np.percentile(ratios, q, method="lower" if q < 50 else "higher")) for q in (2.5, 97.5)]
+    return [b if math.isfinite(b) else None for b in bounds]
 
 
 def _separations(by_seed: Dict[int, List[Dict]], key: str) -> List[float]:
@@ -513,6 +543,13 @@ def plot(summary: Dict[str, Any], out: Path, title: str, ylabel: str = "held-out
     fig.savefig(out, dpi=110)
 
 
+def interval_text(interval: Optional[Sequence[float]]) -> str:
+    """``61%-135%`` for a relative-labels interval; ``never`` for a bound that never reaches the target."""
+    if not interval:
+        return "-"
+    return "-".join("never" if v is None else f"{v:.0%}" for v in interval)
+
+
 def markdown(result: Dict[str, Any]) -> str:
     s = result["summary"]
     cfg = result["config"]
@@ -532,10 +569,11 @@ def markdown(result: Dict[str, Any]) -> str:
         f"All-labels reference (same warm start and total steps on all {cfg['pool']} cases): "
         f"Dice **{s['reference_dice']:.3f}**; target = {s['fraction']:.0%} of it = {s['target_dice']:.3f}.",
         "",
-        "| strategy | labels to reach the target | relative to random | per seed | mean Dice over rounds | "
+        "| strategy | labels to reach the target | relative to random | 95% interval (seeds resampled) | per seed | "
+        "mean Dice over rounds | "
         f"final Dice | final Dice on {rare} | {rare} among picks | entropy AUC {rare} vs the rest | "
         f"AUC of the strategy's own score | AUC of the distance to the labeled cases (embedding) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def fmt(v, spec=".1f", missing="not reached"):
@@ -545,6 +583,7 @@ def markdown(result: Dict[str, Any]) -> str:
         last = row["labels"][-1]
         lines.append(
             f"| {name} | {fmt(row['labels_to_target'])} | {fmt(row['relative_to_random'], '.0%')} | "
+            f"{interval_text(row.get('relative_to_random_interval'))} | "
             f"{', '.join(fmt(v, '.0f') for v in row['labels_to_target_per_seed'])} | "
             f"{fmt(row['mean_dice_over_rounds'], '.3f')} | "
             f"{at_labels(row['mean_dice'], last):.3f} +- {at_labels(row['std_dice'], last):.3f} | "

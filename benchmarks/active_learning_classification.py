@@ -45,6 +45,7 @@ import torch
 from active_learning import (
     CLS_STRATEGIES,
     at_labels,
+    interval_text,
     parse_strategies,
     resumed,
     study_arguments,
@@ -220,9 +221,10 @@ def markdown(result: Dict[str, Any]) -> str:
         f"All-labels reference (same warm start and total steps on all {cfg['pool']} cases): held-out ROC AUC "
         f"**{s['reference_auc']:.3f}**; target = {s['fraction']:.0%} of it = {s['target_auc']:.3f}.",
         "",
-        "| strategy | labels to reach the target | relative to random | per seed | mean AUC over rounds | final AUC | "
-        "final AUC near the limit | picks with a lesion | near the limit | hyperdense |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| strategy | labels to reach the target | relative to random | 95% interval (seeds resampled) | per seed | "
+        "mean AUC over rounds | final AUC | final AUC near the limit | picks with a lesion | near the limit | "
+        "hyperdense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def fmt(v, spec=".1f", missing="not reached"):
@@ -233,6 +235,7 @@ def markdown(result: Dict[str, Any]) -> str:
         kinds = result["picked"].get(name, {})
         lines.append(
             f"| {name} | {fmt(row['labels_to_target'])} | {fmt(row['relative_to_random'], '.0%')} | "
+            f"{interval_text(row.get('relative_to_random_interval'))} | "
             f"{', '.join(fmt(v, '.0f') for v in row['labels_to_target_per_seed'])} | "
             f"{fmt(row['mean_auc_over_rounds'], '.3f')} | "
             f"{at_labels(row['mean_auc'], last):.3f} +- {at_labels(row['std_auc'], last):.3f} | "

@@ -59,6 +59,31 @@ def test_study_summary_counts_labels_to_the_target_on_any_metric_and_relative_to
     assert labels_to_reach({2: 0.1, 4: 0.2}, 0.5) is None
 
 
+def test_relative_labels_interval_resamples_the_seeds_both_strategies_ran():
+    from active_learning import interval_text, relative_interval, summarise
+
+    def curve(at4: float) -> list:
+        return [{"labels": n, "dice": d, "dice_rare": d} for n, d in ((2, 0.5), (4, at4), (6, 0.9))]
+
+    # target 0.8: random crosses it at 5 labels in every seed; "fast" at 4 in seeds 0 and 1, "slow" only in seed 0
+    rows = {
+        "random": {0: curve(0.7), 1: curve(0.7), 2: curve(0.7)},
+        "fast": {0: curve(0.8), 1: curve(0.8), 2: curve(0.8)},
+        "slow": {
+            0: curve(0.8),
+            1: [{"labels": n, "dice": d, "dice_rare": d} for n, d in ((2, 0.5), (4, 0.6), (6, 0.7))],
+        },
+    }
+    summary = summarise(rows, [{"dice": 1.0}], 0.8)["strategies"]
+    assert summary["random"]["relative_to_random_interval"] is None
+    assert summary["fast"]["relative_to_random_interval"] == pytest.approx([0.8, 0.8])
+    low, high = relative_interval(rows, "slow", 0.8, "dice")
+    # resampled: seed 0 twice reaches 0.8 at 4 labels (4/5), seeds 0 and 1 at 6 (6/5), seed 1 twice never
+    assert low == pytest.approx(0.8) and high is None
+    assert interval_text([low, high]) == "80%-never" and interval_text(None) == "-"
+    assert relative_interval({"random": rows["random"], "one": {0: curve(0.8)}}, "one", 0.8, "dice") is None
+
+
 def test_binary_uncertainty_measures_rank_images_alike():
     """Why the classification study runs one of them: for two classes each falls as the top probability rises."""
     from labelloop_app.uncertainty import MEASURES
