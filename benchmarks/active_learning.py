@@ -465,11 +465,23 @@ def summarise(
             f"final_{m}_rare": float(np.nanmean([rows[-1][f"{m}_rare"] for rows in by_seed.values()])),
         }
     base = table.get("random", {}).get("labels_to_target")
+    final = _final_mean(table.get("random"), m)
     for strategy, row in table.items():
         own = row["labels_to_target"]
         row["relative_to_random"] = (own / base) if (own is not None and base) else None
         row["relative_to_random_interval"] = relative_interval(results, strategy, target, m)
+        row["labels_to_random_final"] = labels_to_reach(row[f"mean_{m}"], final) if final is not None else None
+    at_final = table.get("random", {}).get("labels_to_random_final")
+    for row in table.values():
+        own = row["labels_to_random_final"]
+        row["relative_at_random_final"] = (own / at_final) if (own is not None and at_final) else None
     return {f"reference_{m}": ref, f"target_{m}": target, "fraction": fraction, "metric": m, "strategies": table}
+
+
+def _final_mean(row: Optional[Dict[str, Any]], metric: str) -> Optional[float]:
+    """A strategy's mean result with its most labels: what the others are measured against when random never
+    reaches the target (a larger pool than labels it can buy)."""
+    return at_labels(row[f"mean_{metric}"], row["labels"][-1]) if row else None
 
 
 def mean_curve(by_seed: Dict[int, List[Dict]], seeds: Iterable[int], metric: str) -> Dict[int, float]:
@@ -570,10 +582,10 @@ def markdown(result: Dict[str, Any]) -> str:
         f"Dice **{s['reference_dice']:.3f}**; target = {s['fraction']:.0%} of it = {s['target_dice']:.3f}.",
         "",
         "| strategy | labels to reach the target | relative to random | 95% interval (seeds resampled) | per seed | "
-        "mean Dice over rounds | "
+        "labels to random's final Dice (relative) | mean Dice over rounds | "
         f"final Dice | final Dice on {rare} | {rare} among picks | entropy AUC {rare} vs the rest | "
         f"AUC of the strategy's own score | AUC of the distance to the labeled cases (embedding) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def fmt(v, spec=".1f", missing="not reached"):
@@ -585,6 +597,8 @@ def markdown(result: Dict[str, Any]) -> str:
             f"| {name} | {fmt(row['labels_to_target'])} | {fmt(row['relative_to_random'], '.0%')} | "
             f"{interval_text(row.get('relative_to_random_interval'))} | "
             f"{', '.join(fmt(v, '.0f') for v in row['labels_to_target_per_seed'])} | "
+            f"{fmt(row.get('labels_to_random_final'), missing='-')} "
+            f"({fmt(row.get('relative_at_random_final'), '.0%', '-')}) | "
             f"{fmt(row['mean_dice_over_rounds'], '.3f')} | "
             f"{at_labels(row['mean_dice'], last):.3f} +- {at_labels(row['std_dice'], last):.3f} | "
             f"{row['final_dice_rare']:.3f} | "

@@ -57,6 +57,26 @@ def test_study_summary_counts_labels_to_the_target_on_any_metric_and_relative_to
     assert entropy_row["relative_to_random"] == pytest.approx(4.0 / 6.0)
     assert entropy_row["final_auc_rare"] == pytest.approx(0.8) and random_row["mean_auc"][8] == pytest.approx(0.84)
     assert labels_to_reach({2: 0.1, 4: 0.2}, 0.5) is None
+    # random ends at 0.84 with 8 labels; the other's curve never gets there
+    assert random_row["labels_to_random_final"] == pytest.approx(8.0) and random_row["relative_at_random_final"] == 1
+    assert entropy_row["labels_to_random_final"] is None and entropy_row["relative_at_random_final"] is None
+
+
+def test_a_strategy_is_measured_against_randoms_final_result_when_random_never_reaches_the_target():
+    from active_learning import summarise
+
+    def rows(*dice):
+        return [{"labels": 2 * (i + 1), "dice": d, "dice_rare": d} for i, d in enumerate(dice)]
+
+    # target 0.95 x 0.9 = 0.855, which random (0.8 at 6 labels) never reaches; entropy passes 0.8 at 3.5 labels
+    summary = summarise(
+        {"random": {0: rows(0.5, 0.6, 0.8)}, "entropy": {0: rows(0.5, 0.9, 0.9)}}, [{"dice": 0.9}], 0.95
+    )
+    random_row, entropy_row = summary["strategies"]["random"], summary["strategies"]["entropy"]
+    assert random_row["labels_to_target"] is None and entropy_row["relative_to_random"] is None
+    assert entropy_row["labels_to_target"] == pytest.approx(2 + 2 * 0.355 / 0.4)
+    assert entropy_row["labels_to_random_final"] == pytest.approx(2 + 2 * 0.3 / 0.4)
+    assert entropy_row["relative_at_random_final"] == pytest.approx((2 + 2 * 0.3 / 0.4) / 6.0)
 
 
 def test_relative_labels_interval_resamples_the_seeds_both_strategies_ran():
