@@ -28,7 +28,9 @@ strategy classes hand out ``--batch`` images (leases included), reveal their gro
 ``--max-labels``. The reference is the same warm start fine-tuned on every pool case for the same total steps.
 
 Writes ``benchmarks/results/active_learning.{json,md,png}``: the learning curves (mean and spread over seeds)
-and the labels each strategy needs to reach 95% of the all-labels Dice, relative to random.
+and the labels each strategy needs to reach 95% of the all-labels Dice, relative to random, with a 95% interval
+from resampling the seeds. When random never reaches that within ``--max-labels`` (a pool much larger than the
+budget), the labels each strategy needs to reach random's final Dice say what it saves instead.
 """
 
 from __future__ import annotations
