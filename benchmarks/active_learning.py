@@ -274,7 +274,7 @@ def run(
             if key != "entropy":
                 row[f"{key}_rare_vs_common"] = _separation(state["records"], cases, unlabeled, key)
         if strategy in EMBEDDED:
-            key = FEATURES[features]
+            key = FEATURES[features].key
             row["centre_distance_rare_vs_common"] = _embedding_separation(state["records"], cases, labeled, key)
         picks = []
         for j in range(min(args.batch, args.max_labels - len(labeled))):
@@ -440,12 +440,10 @@ def summarise(
     target = fraction * ref
     table = {}
     for strategy, by_seed in results.items():
-        labels = sorted({row["labels"] for rows in by_seed.values() for row in rows})
-        mean = mean_curve(by_seed, by_seed, m)
-        std = {
-            n: float(np.std([row[m] for rows in by_seed.values() for row in rows if row["labels"] == n]))
-            for n in labels
-        }
+        values = per_labels(by_seed, by_seed, m)
+        labels = list(values)
+        mean = {n: float(np.mean(v)) for n, v in values.items()}
+        std = {n: float(np.std(v)) for n, v in values.items()}
         per_seed = [labels_to_reach({row["labels"]: row[m] for row in rows}, target) for rows in by_seed.values()]
         picked = [p for rows in by_seed.values() for row in rows for p in row.get("picked", [])]
         aucs = _separations(by_seed, "entropy")
@@ -486,13 +484,18 @@ def _final_mean(row: Optional[Dict[str, Any]], metric: str) -> Optional[float]:
     return at_labels(row[f"mean_{metric}"], row["labels"][-1]) if row else None
 
 
-def mean_curve(by_seed: Dict[int, List[Dict]], seeds: Iterable[int], metric: str) -> Dict[int, float]:
-    """The mean of ``metric`` over ``seeds`` (repeats count again) per number of labels."""
+def per_labels(by_seed: Dict[int, List[Dict]], seeds: Iterable[int], metric: str) -> Dict[int, List[float]]:
+    """The values of ``metric`` in ``seeds`` (repeats count again), by number of labels."""
     values: Dict[int, List[float]] = {}
     for seed in seeds:
         for row in by_seed[seed]:
             values.setdefault(row["labels"], []).append(row[metric])
-    return {n: float(np.mean(v)) for n, v in sorted(values.items())}
+    return dict(sorted(values.items()))
+
+
+def mean_curve(by_seed: Dict[int, List[Dict]], seeds: Iterable[int], metric: str) -> Dict[int, float]:
+    """The mean of ``metric`` over ``seeds`` per number of labels."""
+    return {n: float(np.mean(v)) for n, v in per_labels(by_seed, seeds, metric).items()}
 
 
 def relative_interval(

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 from labelloop_app.conf import ConfError, parse_bool
 
-FEATURES = {"bottleneck": "embedding", "appearance": "appearance"}
-"""What ``diversity`` and ``hybrid`` measure distances in (``--conf diversity_features``) -> the scores' key."""
+
+class Features(NamedTuple):
+    """A space ``diversity`` and ``hybrid`` measure distances in: the scores' record key, and its name in words."""
+
+    key: str
+    words: str
+
+
+FEATURES = {
+    "bottleneck": Features("embedding", "the network's bottleneck-embedding space"),
+    "appearance": Features("appearance", "how its structures look"),
+}
+"""``--conf diversity_features`` -> its space."""
 
 
 def _number(conf: Mapping[str, str], key: str, default: float, kind: type, low: float) -> float:

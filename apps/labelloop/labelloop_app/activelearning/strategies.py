@@ -291,18 +291,15 @@ class ScoreStrategy(LeasingStrategy):
         return score_order(pool, self.key, self.task, self.rng)
 
 
-FEATURE_WORDS = {"bottleneck": "the network's bottleneck-embedding space", "appearance": "how its structures look"}
-
-
 class DiversityStrategy(LeasingStrategy):
     def __init__(self, *args, features: str = "bottleneck", **kwargs):
         super().__init__(
             "diversity",
-            f"Core-set: the image farthest, in {FEATURE_WORDS[features]}, from every labeled or leased image",
+            f"Core-set: the image farthest, in {FEATURES[features].words}, from every labeled or leased image",
             *args,
             **kwargs,
         )
-        self.key = FEATURES[features]
+        self.key = FEATURES[features].key
 
     def order(self, pool: Pool, k: int) -> Order:
         return diversity_order(pool, k, self.task, self.rng, self.key)
@@ -313,12 +310,12 @@ class HybridStrategy(LeasingStrategy):
         super().__init__(
             "hybrid",
             f"Among the {fraction:.0%} most uncertain images (MC-dropout entropy), the one farthest, in "
-            f"{FEATURE_WORDS[features]}, from every labeled or leased image (core-set)",
+            f"{FEATURES[features].words}, from every labeled or leased image (core-set)",
             *args,
             **kwargs,
         )
         self.fraction = fraction
-        self.key = FEATURES[features]
+        self.key = FEATURES[features].key
 
     def order(self, pool: Pool, k: int) -> Order:
         return hybrid_order(pool, k, self.task, self.fraction, self.rng, self.key)
