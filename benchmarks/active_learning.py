@@ -576,7 +576,7 @@ def markdown(result: Dict[str, Any]) -> str:
         "",
         f"`{result['command']}` on {result['machine']}, {result['minutes']:.0f} min.",
         "",
-        f"Pool of {cfg['pool']} phantoms (the sample data's cohort, rendered small; {cfg['pool_rare']} {rare}), "
+        f"Pool of {cfg['pool']} phantoms (from the sample data's generator, rendered small; {cfg['pool_rare']} {rare}), "
         f"{cfg['heldout']} held-out ({cfg['heldout_rare']} {rare}). Start: {cfg['initial']} random labeled cases and "
         f"a model trained on them for {cfg['warmup_steps']} steps; each round fine-tunes {cfg['steps']} steps, "
         f"scores the pool and labels {cfg['batch']} more, up to {cfg['max_labels']}. {len(cfg['seeds'])} seeds. "
