@@ -576,8 +576,9 @@ def markdown(result: Dict[str, Any]) -> str:
         "",
         f"`{result['command']}` on {result['machine']}, {result['minutes']:.0f} min.",
         "",
-        f"Pool of {cfg['pool']} phantoms (from the sample data's generator, rendered small; {cfg['pool_rare']} {rare}), "
-        f"{cfg['heldout']} held-out ({cfg['heldout_rare']} {rare}). Start: {cfg['initial']} random labeled cases and "
+        f"Pool of {cfg['pool']} phantoms (from the sample data's generator, rendered small; "
+        f"{cfg['pool_rare']} {rare}), {cfg['heldout']} held-out ({cfg['heldout_rare']} {rare}). "
+        f"Start: {cfg['initial']} random labeled cases and "
         f"a model trained on them for {cfg['warmup_steps']} steps; each round fine-tunes {cfg['steps']} steps, "
         f"scores the pool and labels {cfg['batch']} more, up to {cfg['max_labels']}. {len(cfg['seeds'])} seeds. "
         f"Training spacing {cfg['spacing']} mm, scoring at {cfg['scoring_spacing_factor']:g}x that; "
