@@ -464,17 +464,17 @@ def summarise(
             "centre_distance_auc_rare_vs_common": float(np.mean(distance)) if distance else None,
             f"final_{m}_rare": float(np.nanmean([rows[-1][f"{m}_rare"] for rows in by_seed.values()])),
         }
-    base = table.get("random", {}).get("labels_to_target")
     final = _final_mean(table.get("random"), m)
     for strategy, row in table.items():
-        own = row["labels_to_target"]
-        row["relative_to_random"] = (own / base) if (own is not None and base) else None
         row["relative_to_random_interval"] = relative_interval(results, strategy, target, m)
         row["labels_to_random_final"] = labels_to_reach(row[f"mean_{m}"], final) if final is not None else None
-    at_final = table.get("random", {}).get("labels_to_random_final")
-    for row in table.values():
-        own = row["labels_to_random_final"]
-        row["relative_at_random_final"] = (own / at_final) if (own is not None and at_final) else None
+    for labels, relative in (
+        ("labels_to_target", "relative_to_random"),
+        ("labels_to_random_final", "relative_at_random_final"),
+    ):
+        base = table.get("random", {}).get(labels)
+        for row in table.values():
+            row[relative] = (row[labels] / base) if (row[labels] is not None and base) else None
     return {f"reference_{m}": ref, f"target_{m}": target, "fraction": fraction, "metric": m, "strategies": table}
 
 
