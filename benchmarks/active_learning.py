@@ -31,6 +31,9 @@ Writes ``benchmarks/results/active_learning.{json,md,png}``: the learning curves
 and the labels each strategy needs to reach 95% of the all-labels Dice, relative to random, with a 95% interval
 from resampling the seeds. When random never reaches that within ``--max-labels`` (a pool much larger than the
 budget), the labels each strategy needs to reach random's final Dice say what it saves instead.
+
+``--render benchmarks/results/<name>.json`` runs nothing: it re-writes a recorded study's summary, report and plot
+from its JSON, with the written notes kept in the JSON's ``notes``.
 """
 
 from __future__ import annotations
@@ -400,6 +403,11 @@ def study_arguments(ap: argparse.ArgumentParser, **defaults: Any) -> None:
         "and references are kept, and only what is missing runs: more seeds, or strategies it lacks",
     )
     ap.add_argument(
+        "--render",
+        type=Path,
+        help="only re-write a recorded results .json's report and plot (summary recomputed, notes as in the .json)",
+    )
+    ap.add_argument(
         "--redo",
         default="",
         help="with --resume: comma-separated strategies whose recorded runs are dropped (those also in --strategies "
@@ -493,11 +501,6 @@ def per_labels(by_seed: Dict[int, List[Dict]], seeds: Iterable[int], metric: str
     return dict(sorted(values.items()))
 
 
-def mean_curve(by_seed: Dict[int, List[Dict]], seeds: Iterable[int], metric: str) -> Dict[int, float]:
-    """The mean of ``metric`` over ``seeds`` per number of labels."""
-    return {n: float(np.mean(v)) for n, v in per_labels(by_seed, seeds, metric).items()}
-
-
 def relative_interval(
     results: Dict[str, Dict[int, List[Dict]]], strategy: str, target: float, metric: str, draws: int = 2000
 ) -> Optional[List[float]]:
@@ -508,17 +511,37 @@ def relative_interval(
     if strategy == "random" or len(seeds) < 2:
         return None
     rng = np.random.default_rng(0)
+    base_curves, own_curves = (_curve_table(results[s], seeds, metric) for s in ("random", strategy))
     ratios = []
     for _ in range(draws):
-        sample = rng.choice(seeds, size=len(seeds))
-        base = labels_to_reach(mean_curve(results["random"], sample, metric), target)
-        own = labels_to_reach(mean_curve(results[strategy], sample, metric), target)
+        sample = rng.choice(len(seeds), size=len(seeds))
+        base = labels_to_reach(_resampled_mean(*base_curves, sample), target)
+        own = labels_to_reach(_resampled_mean(*own_curves, sample), target)
         if base:
             ratios.append(own / base if own is not None else np.inf)
     if not ratios:
         return None
     bounds = [float(np.percentile(ratios, q, method="lower" if q < 50 else "higher")) for q in (2.5, 97.5)]
     return [b if math.isfinite(b) else None for b in bounds]
+
+
+def _curve_table(by_seed: Dict[int, List[Dict]], seeds: Sequence[int], metric: str) -> Tuple[List[int], np.ndarray]:
+    """Label counts and a seeds x label counts table of ``metric`` (NaN where a seed's run lacks that count)."""
+    labels = sorted({row["labels"] for seed in seeds for row in by_seed[seed]})
+    table = np.full((len(seeds), len(labels)), np.nan)
+    for i, seed in enumerate(seeds):
+        for row in by_seed[seed]:
+            table[i, labels.index(row["labels"])] = row[metric]
+    return labels, table
+
+
+def _resampled_mean(labels: List[int], table: np.ndarray, sample: np.ndarray) -> Dict[int, float]:
+    """The mean curve (mean per label count) over the rows ``sample`` of a :func:`_curve_table`; the rows repeat as
+    the sample does."""
+    rows = table[sample]
+    present = ~np.isnan(rows).all(axis=0)
+    means = np.nanmean(rows[:, present], axis=0)
+    return {int(n): float(m) for n, m in zip(np.asarray(labels)[present], means)}
 
 
 def _separations(by_seed: Dict[int, List[Dict]], key: str) -> List[float]:
@@ -567,7 +590,8 @@ def interval_text(interval: Optional[Sequence[float]]) -> str:
     return "-".join("never" if v is None else f"{v:.0%}" for v in interval)
 
 
-def markdown(result: Dict[str, Any]) -> str:
+def markdown(result: Dict[str, Any], image: str = "active_learning.png") -> str:
+    """The study's report: its command, cohort, reference and one row per strategy, then the plot ``image``."""
     s = result["summary"]
     cfg = result["config"]
     rare = RARE_WORDS[cfg["rare"]]
@@ -613,7 +637,7 @@ def markdown(result: Dict[str, Any]) -> str:
             f"{fmt(row.get('score_auc_rare_vs_common'), '.2f', '-')} | "
             f"{fmt(row.get('centre_distance_auc_rare_vs_common'), '.2f', '-')} |"
         )
-    lines += ["", "![learning curves](active_learning.png)", "", *result.get("notes", [])]
+    lines += ["", f"![learning curves]({image})", "", *result.get("notes", [])]
     return "\n".join(lines) + "\n"
 
 
@@ -639,6 +663,9 @@ def main(argv=None) -> int:
     ap.add_argument("--diversity-features", choices=tuple(FEATURES), default="bottleneck", help="as --conf")
     study_arguments(ap)
     args = ap.parse_args(argv)
+    if args.render:
+        print(markdown(render_recorded(args.render, markdown, "held-out mean Dice"), args.render.stem + ".png"))
+        return 0
     strategies = parse_strategies(ap, args.strategies, SEG_STRATEGIES)
 
     torch.set_num_threads(args.threads)
@@ -711,7 +738,7 @@ def write_study(
     reference: List[Dict],
     pool: List[Dict],
     config: Dict[str, Any],
-    render: Callable[[Dict[str, Any]], str],
+    render: Callable[[Dict[str, Any], str], str],
     metric: str = "dice",
     ylabel: str = "held-out mean Dice",
     extra: Optional[Callable[[Dict[str, Dict[int, List[Dict]]]], Dict[str, Any]]] = None,
@@ -721,29 +748,47 @@ def write_study(
     ``config`` and ``extra(runs)`` add the study's own fields."""
     done = len(reference)
     results = {s: {k: v for k, v in by_seed.items() if k < done} for s, by_seed in results.items()}
-    summary = summarise(results, reference, args.fraction, metric)
     result = {
         "command": command(f"{name}.py", argv),
         "machine": machine(),
         "minutes": (time.time() - start) / 60.0,
         "config": {
-            **{k: v for k, v in vars(args).items() if k not in ("out", "resume")},
+            **{k: v for k, v in vars(args).items() if k not in ("out", "resume", "render")},
             "strategies": ",".join(results),
             "seeds": list(range(done)),
             **config,
         },
-        "summary": summary,
+        "summary": summarise(results, reference, args.fraction, metric),
         **(extra(results) if extra else {}),
         "notes": recorded_notes(args),
         "reference": reference,
         "runs": results,
         "cases": [{k: v for k, v in c.items() if k not in ("image", "label")} for c in pool],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    title = f"{args.pool}-case pool, {done} seeds, {args.steps} steps/round (mean +- std over seeds)"
-    plot(summary, args.out / f"{name}.png", title, ylabel)
-    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1, default=float))
-    (args.out / f"{name}.md").write_text(render(result))
+    publish_study(result, args.out / f"{name}.json", render, ylabel)
+    return result
+
+
+def publish_study(result: Dict[str, Any], path: Path, render: Callable[[Dict[str, Any], str], str], ylabel: str):
+    """Write a study's ``result`` to ``path`` (``<name>.json``) with its Markdown report and learning curves beside
+    it (``<name>.md``, ``<name>.png``)."""
+    cfg = result["config"]
+    title = f"{cfg['pool']}-case pool, {len(cfg['seeds'])} seeds, {cfg['steps']} steps/round (mean +- std over seeds)"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plot(result["summary"], path.with_suffix(".png"), title, ylabel)
+    path.write_text(json.dumps(result, indent=1, default=float))
+    path.with_suffix(".md").write_text(render(result, path.with_suffix(".png").name))
+
+
+def render_recorded(path: Path, render: Callable[[Dict[str, Any], str], str], ylabel: str) -> Dict[str, Any]:
+    """Re-write a recorded study (``<name>.json``) and its report and plot beside it, with the summary recomputed
+    from its runs and references; the command, minutes and notes stay as recorded. This is how a study's written
+    notes are changed (edit ``notes`` in the JSON, then render) without running it again."""
+    result = json.loads(path.read_text())
+    runs = {s: {int(seed): rounds for seed, rounds in by_seed.items()} for s, by_seed in result["runs"].items()}
+    metric = result["summary"].get("metric", "dice")
+    result["summary"] = summarise(runs, result["reference"], result["config"]["fraction"], metric)
+    publish_study(result, path, render, ylabel)
     return result
 
 

@@ -47,6 +47,7 @@ from active_learning import (
     at_labels,
     interval_text,
     parse_strategies,
+    render_recorded,
     resumed,
     study_arguments,
     study_seeds,
@@ -204,7 +205,8 @@ def picked_kinds(by_seed: Dict[int, List[Dict]], cases: Dict[str, Dict]) -> Dict
     }
 
 
-def markdown(result: Dict[str, Any]) -> str:
+def markdown(result: Dict[str, Any], image: str = f"{NAME}.png") -> str:
+    """The study's report: its command, cohort, reference and one row per strategy, then the plot ``image``."""
     s, cfg = result["summary"], result["config"]
     lines = [
         "# Active-learning study for classification (simulated annotators)",
@@ -242,7 +244,7 @@ def markdown(result: Dict[str, Any]) -> str:
             f"{fmt(row['final_auc_rare'], '.3f', '-')} | {fmt(kinds.get('lesion'), '.0%', '-')} | "
             f"{fmt(kinds.get('near_limit'), '.0%', '-')} | {fmt(kinds.get('hyperdense'), '.0%', '-')} |"
         )
-    lines += ["", f"![learning curves]({NAME}.png)", "", *result.get("notes", [])]
+    lines += ["", f"![learning curves]({image})", "", *result.get("notes", [])]
     return "\n".join(lines) + "\n"
 
 
@@ -272,6 +274,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=4, help="patches per step (the task's cls_batch_size)")
     study_arguments(ap, initial=8, batch=8, max_labels=40, warmup_steps=600, steps=300, lr=DetectorTrain.default_lr)
     args = ap.parse_args(argv)
+    if args.render:
+        print(markdown(render_recorded(args.render, markdown, "held-out ROC AUC"), args.render.stem + ".png"))
+        return 0
     strategies = parse_strategies(ap, args.strategies, CLS_STRATEGIES)
 
     torch.set_num_threads(args.threads)

@@ -13,10 +13,27 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from tqdm import tqdm
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def command(script: str, argv: Optional[Sequence[str]]) -> str:
-    """The command line that reproduces a run."""
-    return " ".join(["python", f"benchmarks/{script}", *(argv if argv is not None else sys.argv[1:])])
+    """The command line that reproduces a run, with its paths made portable (:func:`portable_path`)."""
+    args = argv if argv is not None else sys.argv[1:]
+    return " ".join(["python", f"benchmarks/{script}", *(portable_path(a) for a in args)])
+
+
+def portable_path(arg: str) -> str:
+    """An absolute path in a command-line argument (``/x/y`` or ``--out=/x/y``) relative to the project when it lies
+    inside it, else ``<folder>`` or ``<file>``, so that a recorded command names nothing of the machine it ran on."""
+    option, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+    path = Path(value)
+    if not path.is_absolute():
+        return arg
+    try:
+        value = str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        value = "<file>" if path.suffix else "<folder>"
+    return f"{option}{eq}{value}"
 
 
 def machine() -> str:

@@ -218,3 +218,36 @@ def test_searching_observer_rates_noise_in_standard_units_and_finds_a_plain_lesi
     assert max(r["scan"] for r in noise_only) < 6.0 < found["scan"]
     assert max(r["bayes"] for r in noise_only) < 0.0 < found["bayes"]  # noise alone is likelier than a lesion
     assert sum(w for _, _, w in lesion_prior()) == pytest.approx(1.0)
+
+
+def test_a_recorded_command_names_project_paths_relatively_and_no_other_path():
+    from common import ROOT, command
+
+    recorded = ROOT / "benchmarks" / "results" / "study.json"
+    argv = ["--out", "/somewhere/out", "--resume", str(recorded), "--out=/somewhere/x.json", "--seeds", "3"]
+    line = "python benchmarks/s.py --out <folder> --resume benchmarks/results/study.json --out=<file> --seeds 3"
+    assert command("s.py", argv) == line
+
+
+RECORDED_STUDIES = sorted(
+    (Path(__file__).resolve().parents[1] / "benchmarks" / "results").glob("active_learning*.json")
+)
+
+
+@pytest.mark.parametrize("recorded", RECORDED_STUDIES, ids=[p.stem for p in RECORDED_STUDIES])
+def test_every_recorded_study_report_is_what_its_json_renders_to(recorded, tmp_path):
+    """``--render`` re-writes a recorded study's report and plot from its JSON alone (runs, references, notes), so
+    the recorded Markdown and summary must be exactly what the current summary code makes of the recorded runs."""
+    import json
+    import shutil
+
+    import active_learning
+    import active_learning_classification
+
+    study = active_learning_classification if "classification" in recorded.stem else active_learning
+    copy = tmp_path / recorded.name
+    shutil.copy(recorded, copy)
+    assert study.main(["--render", str(copy)]) == 0
+    assert copy.with_suffix(".md").read_text() == recorded.with_suffix(".md").read_text()
+    assert json.loads(copy.read_text()) == json.loads(recorded.read_text())
+    assert copy.with_suffix(".png").stat().st_size > 10_000
