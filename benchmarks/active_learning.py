@@ -48,7 +48,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -448,7 +448,7 @@ def summarise(
     target = fraction * ref
     table = {}
     for strategy, by_seed in results.items():
-        values = per_labels(by_seed, by_seed, m)
+        values = per_labels(by_seed, m)
         labels = list(values)
         mean = {n: float(np.mean(v)) for n, v in values.items()}
         std = {n: float(np.std(v)) for n, v in values.items()}
@@ -492,11 +492,11 @@ def _final_mean(row: Optional[Dict[str, Any]], metric: str) -> Optional[float]:
     return at_labels(row[f"mean_{metric}"], row["labels"][-1]) if row else None
 
 
-def per_labels(by_seed: Dict[int, List[Dict]], seeds: Iterable[int], metric: str) -> Dict[int, List[float]]:
-    """The values of ``metric`` in ``seeds`` (repeats count again), by number of labels."""
+def per_labels(by_seed: Dict[int, List[Dict]], metric: str) -> Dict[int, List[float]]:
+    """The values of ``metric`` over all seeds, by number of labels."""
     values: Dict[int, List[float]] = {}
-    for seed in seeds:
-        for row in by_seed[seed]:
+    for rows in by_seed.values():
+        for row in rows:
             values.setdefault(row["labels"], []).append(row[metric])
     return dict(sorted(values.items()))
 
@@ -664,7 +664,7 @@ def main(argv=None) -> int:
     study_arguments(ap)
     args = ap.parse_args(argv)
     if args.render:
-        print(markdown(render_recorded(args.render, markdown, "held-out mean Dice"), args.render.stem + ".png"))
+        print(render_recorded(args.render, markdown, "held-out mean Dice"))
         return 0
     strategies = parse_strategies(ap, args.strategies, SEG_STRATEGIES)
 
@@ -769,27 +769,28 @@ def write_study(
     return result
 
 
-def publish_study(result: Dict[str, Any], path: Path, render: Callable[[Dict[str, Any], str], str], ylabel: str):
+def publish_study(result: Dict[str, Any], path: Path, render: Callable[[Dict[str, Any], str], str], ylabel: str) -> str:
     """Write a study's ``result`` to ``path`` (``<name>.json``) with its Markdown report and learning curves beside
-    it (``<name>.md``, ``<name>.png``)."""
+    it (``<name>.md``, ``<name>.png``); the report."""
     cfg = result["config"]
     title = f"{cfg['pool']}-case pool, {len(cfg['seeds'])} seeds, {cfg['steps']} steps/round (mean +- std over seeds)"
     path.parent.mkdir(parents=True, exist_ok=True)
     plot(result["summary"], path.with_suffix(".png"), title, ylabel)
     path.write_text(json.dumps(result, indent=1, default=float))
-    path.with_suffix(".md").write_text(render(result, path.with_suffix(".png").name))
+    report = render(result, path.with_suffix(".png").name)
+    path.with_suffix(".md").write_text(report)
+    return report
 
 
-def render_recorded(path: Path, render: Callable[[Dict[str, Any], str], str], ylabel: str) -> Dict[str, Any]:
+def render_recorded(path: Path, render: Callable[[Dict[str, Any], str], str], ylabel: str) -> str:
     """Re-write a recorded study (``<name>.json``) and its report and plot beside it, with the summary recomputed
     from its runs and references; the command, minutes and notes stay as recorded. This is how a study's written
-    notes are changed (edit ``notes`` in the JSON, then render) without running it again."""
+    notes are changed (edit ``notes`` in the JSON, then render) without running it again. Returns the report."""
     result = json.loads(path.read_text())
     runs = {s: {int(seed): rounds for seed, rounds in by_seed.items()} for s, by_seed in result["runs"].items()}
     metric = result["summary"].get("metric", "dice")
     result["summary"] = summarise(runs, result["reference"], result["config"]["fraction"], metric)
-    publish_study(result, path, render, ylabel)
-    return result
+    return publish_study(result, path, render, ylabel)
 
 
 def recorded_notes(args: argparse.Namespace) -> List[str]:

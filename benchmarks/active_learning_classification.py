@@ -275,7 +275,7 @@ def main(argv=None) -> int:
     study_arguments(ap, initial=8, batch=8, max_labels=40, warmup_steps=600, steps=300, lr=DetectorTrain.default_lr)
     args = ap.parse_args(argv)
     if args.render:
-        print(markdown(render_recorded(args.render, markdown, "held-out ROC AUC"), args.render.stem + ".png"))
+        print(render_recorded(args.render, markdown, "held-out ROC AUC"))
         return 0
     strategies = parse_strategies(ap, args.strategies, CLS_STRATEGIES)
 
