@@ -76,12 +76,19 @@ from labelloop_app.train_segmentation import SegmentationTrain
 from labelloop_app.training import PolyLR
 
 HERE = Path(__file__).resolve().parent
-SEG_STRATEGIES = ("random", "entropy", "tta", "diversity", "hybrid")
+SEG_STRATEGIES = ("random", "entropy", "bald", "tta", "diversity", "hybrid")
 CLS_STRATEGIES = ("random", "cls_entropy", "cls_margin", "cls_least_confidence", "cls_finding")
-STRATEGIES = (*SEG_STRATEGIES, *CLS_STRATEGIES[1:])  # the index seeds each strategy's random stream
-UNCERTAIN = ("entropy", "tta", "hybrid", *CLS_STRATEGIES[1:])  # they need full scores of the unlabeled images
+STRATEGIES = (*(s for s in SEG_STRATEGIES if s != "bald"), *CLS_STRATEGIES[1:], "bald")
+"""The index seeds each strategy's random stream (a strategy added later goes last, so that recorded streams stay)."""
+UNCERTAIN = ("entropy", "bald", "tta", "hybrid", *CLS_STRATEGIES[1:])  # they need full scores of the unlabeled images
 EMBEDDED = ("diversity", "hybrid")  # they pick by distances in the embedding space
-SCORE_KEY = {"entropy": "entropy", "tta": "tta", "hybrid": "entropy", **{s: s[4:] for s in CLS_STRATEGIES[1:]}}
+SCORE_KEY = {
+    "entropy": "entropy",
+    "bald": "mutual_information",
+    "tta": "tta",
+    "hybrid": "entropy",
+    **{s: s[4:] for s in CLS_STRATEGIES[1:]},
+}
 """The stored score each uncertainty strategy ranks by."""
 
 
@@ -205,8 +212,8 @@ def make_strategy(
     args = (leases, pool_fn)
     if name == "random":
         return RandomStrategy(*args, rng=rng)
-    if name in ("entropy", "tta"):
-        return ScoreStrategy(name, name, name, "segmentation", *args, rng=rng)
+    if name in ("entropy", "bald", "tta"):
+        return ScoreStrategy(name, name, SCORE_KEY[name], "segmentation", *args, rng=rng)
     if name in CLS_STRATEGIES[1:]:
         return ScoreStrategy(name, name, name[len("cls_") :], "classification", *args, rng=rng)
     if name == "diversity":

@@ -113,6 +113,14 @@ class ActiveLearning:
                 "segmentation",
                 *args,
             )
+            s["bald"] = ScoreStrategy(
+                "bald",
+                "BALD (MC-dropout mutual information): the image on which the dropout passes disagree most, the "
+                "model's own doubt without the noise in the image that entropy also counts",
+                "mutual_information",
+                "segmentation",
+                *args,
+            )
             s["tta"] = ScoreStrategy(
                 "tta",
                 "Test-time augmentation: the image whose segmentation changes most under flips and intensity changes",

@@ -151,7 +151,7 @@ class SegmentationScorer:
     """Scores of one image for the segmentation strategies.
 
     - ``entropy``: predictive entropy of the mean of ``mc_samples`` MC-dropout passes (normalised to [0, 1]),
-      averaged over the patient's body; ``mutual_information`` is its epistemic part.
+      averaged over the patient's body; ``mutual_information`` is its epistemic part (BALD, for ``bald``).
     - ``tta``: fraction of the body's voxels whose label changes under a test-time augmentation (AP/SI flips,
       brighter, darker), averaged over the augmentations.
 
