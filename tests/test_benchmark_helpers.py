@@ -251,3 +251,17 @@ def test_every_recorded_study_report_is_what_its_json_renders_to(recorded, tmp_p
     assert copy.with_suffix(".md").read_text() == recorded.with_suffix(".md").read_text()
     assert json.loads(copy.read_text()) == json.loads(recorded.read_text())
     assert copy.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_score_against_error_measures_rank_agreement_and_the_error_a_score_picks():
+    from score_vs_error import measure, rank_correlation, top_error_ratio
+
+    error = [0.1, 0.4, 0.2, 0.3]
+    assert rank_correlation([1, 4, 2, 3], error) == pytest.approx(1.0)
+    assert rank_correlation([4, 1, 3, 2], error) == pytest.approx(-1.0)
+    # the two highest scores pick errors 0.4 and 0.3: their mean over the pool's mean 0.25
+    assert top_error_ratio([0.0, 9.0, 1.0, 5.0], error, 2) == pytest.approx(0.35 / 0.25)
+    ids = ["a", "b", "c", "d"]
+    rare = {"a": False, "b": True, "c": False, "d": True}
+    got = measure({"oracle": error}, ids, dict(zip(ids, error)), rare, 2)["oracle"]
+    assert got == {"spearman": 1.0, "top_error_ratio": 1.4, "auc_rare": 1.0}
