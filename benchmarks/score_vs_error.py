@@ -89,10 +89,10 @@ def measure(
     return out
 
 
-def mean_of(values: Sequence[Any]) -> str:
+def mean_of(values: Sequence[Any], spec: str = ".2f") -> str:
     """The mean of the defined values, or "-"."""
     defined = [v for v in values if v is not None and not np.isnan(v)]
-    return f"{np.mean(defined):.2f}" if defined else "-"
+    return f"{np.mean(defined):{spec}}" if defined else "-"
 
 
 def mean_dice(values: Sequence[float]) -> Any:
@@ -124,12 +124,12 @@ def markdown(result: Dict[str, Any]) -> List[str]:
         )
     lines += [
         "",
-        "| seed | labels | pool Dice (unlabeled) | native-phase cases | AUC of the error, native-phase vs rest |",
+        "| seed | labels | pool Dice (unlabeled) | its native-phase cases | AUC of the error, native-phase vs rest |",
         "|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['seed']} | {r['labels']} | {r['pool_dice']:.3f} | {mean_of([r['pool_dice_rare']])} | "
+            f"| {r['seed']} | {r['labels']} | {r['pool_dice']:.3f} | {mean_of([r['pool_dice_rare']], '.3f')} | "
             f"{mean_of([r['scores']['oracle']['auc_rare']])} |"
         )
     return lines + ["", *result.get("notes", [])]

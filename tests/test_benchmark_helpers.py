@@ -265,3 +265,14 @@ def test_score_against_error_measures_rank_agreement_and_the_error_a_score_picks
     rare = {"a": False, "b": True, "c": False, "d": True}
     got = measure({"oracle": error}, ids, dict(zip(ids, error)), rare, 2)["oracle"]
     assert got == {"spearman": 1.0, "top_error_ratio": 1.4, "auc_rare": 1.0}
+
+
+def test_the_recorded_score_study_report_is_what_its_json_renders_to():
+    import json
+
+    from score_vs_error import SCORES, markdown
+
+    recorded = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "score_vs_error.json"
+    result = json.loads(recorded.read_text())
+    assert all(set(row["scores"]) == set(SCORES) for row in result["checkpoints"])
+    assert "\n".join(markdown(result)) + "\n" == recorded.with_suffix(".md").read_text()
