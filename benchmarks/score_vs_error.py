@@ -5,7 +5,8 @@
 An uncertainty strategy can only save labels if its score points at the cases the model gets wrong. This measures
 that directly, on the pool of the active-learning study (``active_learning.py --pool 120 --rare native
 --rare-every 10``): each seed starts from the study's warm start (same initial cases and steps), then labels random
-cases in rounds of ``--batch`` with ``--steps`` fine-tuning steps, as the study's random strategy does. At each of
+cases in rounds of ``--batch`` with ``--steps`` fine-tuning steps, as the study's random strategy does (with draws of
+its own, so not the same cases). At each of
 ``--labels`` it scores every pool case with the server's ``SegmentationScorer`` and measures every unlabeled case's
 Dice against its ground truth, then reports per score:
 
@@ -75,6 +76,7 @@ def checkpoint_scores(
 def measure(
     scores: Dict[str, List[float]], unlabeled: Sequence[str], error: Dict[str, float], rare: Dict[str, bool], k: int
 ) -> Dict[str, Dict[str, float]]:
+    """Per score: rank correlation with the error, error of its top ``k`` relative to the mean, AUC rare vs rest."""
     err = [error[i] for i in unlabeled]
     out = {}
     for name, values in scores.items():
@@ -96,6 +98,7 @@ def mean_of(values: Sequence[Any], spec: str = ".2f") -> str:
 
 
 def mean_dice(values: Sequence[float]) -> Any:
+    """The mean, or None for no cases (a subgroup all labeled)."""
     return float(np.mean(values)) if len(values) else None
 
 
