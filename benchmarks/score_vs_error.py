@@ -6,9 +6,8 @@ An uncertainty strategy can only save labels if its score points at the cases th
 that directly, on the pool of the active-learning study (``active_learning.py --pool 120 --rare native
 --rare-every 10``): each seed starts from the study's warm start (same initial cases and steps), then labels random
 cases in rounds of ``--batch`` with ``--steps`` fine-tuning steps, as the study's random strategy does (with draws of
-its own, so not the same cases). At each of
-``--labels`` it scores every pool case with the server's ``SegmentationScorer`` and measures every unlabeled case's
-Dice against its ground truth, then reports per score:
+its own, so not the same cases). At each of ``--labels`` it scores every pool case with the server's
+``SegmentationScorer`` and measures every unlabeled case's Dice against its ground truth, then reports per score:
 
 - the rank correlation (Spearman) between the score and the case's Dice error (1 - mean Dice over organs);
 - the mean error of the ``--batch`` cases the score ranks first, relative to the pool's mean error (1: no better
