@@ -53,6 +53,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 import torch
+from classification import pair_auc
 from common import command, machine
 from monai.data import CacheDataset
 from monai.inferers import SlidingWindowInferer
@@ -322,8 +323,11 @@ def _separation(
     common = [records[i][key] for i in ids if not cases[i]["rare"] and key in records.get(i, {})]
     if not rare or not common:
         return {}
-    auc = float(np.mean([(r > c) + 0.5 * (r == c) for r in rare for c in common]))
-    return {f"auc_{key}_rare": round(auc, 3), "mean_rare": float(np.mean(rare)), "mean_common": float(np.mean(common))}
+    return {
+        f"auc_{key}_rare": round(pair_auc(rare, common), 3),
+        "mean_rare": float(np.mean(rare)),
+        "mean_common": float(np.mean(common)),
+    }
 
 
 def _embedding_separation(
