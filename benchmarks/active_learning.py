@@ -77,15 +77,23 @@ from labelloop_app.train_segmentation import SegmentationTrain
 from labelloop_app.training import PolyLR
 
 HERE = Path(__file__).resolve().parent
-SEG_STRATEGIES = ("random", "entropy", "bald", "tta", "diversity", "hybrid")
+SEG_STRATEGIES = ("random", "entropy", "bald", "dice", "tta", "diversity", "hybrid")
 CLS_STRATEGIES = ("random", "cls_entropy", "cls_margin", "cls_least_confidence", "cls_finding")
-STRATEGIES = (*(s for s in SEG_STRATEGIES if s != "bald"), *CLS_STRATEGIES[1:], "bald")
+STRATEGIES = (*(s for s in SEG_STRATEGIES if s not in ("bald", "dice")), *CLS_STRATEGIES[1:], "bald", "dice")
 """The index seeds each strategy's random stream (a strategy added later goes last, so that recorded streams stay)."""
-UNCERTAIN = ("entropy", "bald", "tta", "hybrid", *CLS_STRATEGIES[1:])  # they need full scores of the unlabeled images
+UNCERTAIN = (
+    "entropy",
+    "bald",
+    "dice",
+    "tta",
+    "hybrid",
+    *CLS_STRATEGIES[1:],
+)  # they need full scores of the unlabeled images
 EMBEDDED = ("diversity", "hybrid")  # they pick by distances in the embedding space
 SCORE_KEY = {
     "entropy": "entropy",
     "bald": "mutual_information",
+    "dice": "expected_dice_loss",
     "tta": "tta",
     "hybrid": "entropy",
     **{s: s[4:] for s in CLS_STRATEGIES[1:]},
@@ -213,7 +221,7 @@ def make_strategy(
     args = (leases, pool_fn)
     if name == "random":
         return RandomStrategy(*args, rng=rng)
-    if name in ("entropy", "bald", "tta"):
+    if name in ("entropy", "bald", "dice", "tta"):
         return ScoreStrategy(name, name, SCORE_KEY[name], "segmentation", *args, rng=rng)
     if name in CLS_STRATEGIES[1:]:
         return ScoreStrategy(name, name, name[len("cls_") :], "classification", *args, rng=rng)

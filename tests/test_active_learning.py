@@ -39,11 +39,12 @@ pytestmark = pytest.mark.server
 N_LABELED, N_UNLABELED = 3, 8
 LEASE_SECONDS = 8
 SCORING_CAP = 6
-UNCERTAINTY = ("entropy", "bald", "tta", "diversity", "hybrid")
+UNCERTAINTY = ("entropy", "bald", "dice", "tta", "diversity", "hybrid")
 STRATEGIES = ("random", "first", *UNCERTAINTY)
 SCORE_NAMES = {
     "entropy": "entropy",
     "bald": "mutual_information",
+    "dice": "expected_dice_loss",
     "tta": "tta",
     "diversity": "kcenter_distance",
     "hybrid": "kcenter_distance",
@@ -163,7 +164,8 @@ def test_scoring_writes_scores_skips_scored_images_and_inference_stays_responsiv
     assert set(stored) <= unlabeled_ids(al), "unlabeled images are scored first"
     for image_id, rec in stored.items():
         assert rec["model_version"] == version
-        assert 0.0 <= rec["entropy"] <= 1.0 and 0.0 <= rec["tta"] <= 1.0 and 0.0 <= rec["mutual_information"] <= 1.0
+        for score in ("entropy", "tta", "mutual_information", "expected_dice_loss", "sample_dice_loss"):
+            assert 0.0 <= rec[score] <= 1.0, score
         assert len(rec["embedding"]) == 384 and any(v != 0 for v in rec["embedding"])
         assert len(rec["appearance"]) == 3 * 4  # mean, spread and share of each of the 4 organs
         assert rec["seconds"] == result["per_image"][image_id] > 0
@@ -195,7 +197,7 @@ def test_every_strategy_returns_an_unlabeled_image_with_its_score(al):
         if strategy in UNCERTAINTY:
             assert answer["score_name"] == SCORE_NAMES[strategy]
             assert answer["score"] is not None and answer["model_version"] == version
-        if strategy in ("entropy", "bald", "tta"):
+        if strategy in ("entropy", "bald", "dice", "tta"):
             # the top score among all unlabeled images except the one bob had (and skipped by asking again)
             key = SCORE_NAMES[strategy]
             best = max(stored[i][key] for i in unlabeled - {previous})

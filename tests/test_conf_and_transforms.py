@@ -15,7 +15,7 @@ from labelloop_app.datastore import present_values
 from labelloop_app.labels import DEFAULT_SEG_LABELS, remap_by_name
 from labelloop_app.networks import segmentation_network
 from labelloop_app.transforms import LabelValuesToChannelsd, channel_values, intensity_transforms
-from labelloop_app.uncertainty import entropy, least_confidence, margin
+from labelloop_app.uncertainty import entropy, expected_dice_loss, least_confidence, margin, sample_dice_loss
 
 
 def test_labels_from_comma_list_json_and_file(tmp_path):
@@ -95,6 +95,31 @@ def test_uncertainty_measures():
     assert least_confidence(certain) == 0.0 and abs(least_confidence(uniform) - 1.0) < 1e-9
     voxels = np.stack([np.ones((2, 2)), np.zeros((2, 2))])
     assert entropy(voxels).shape == (2, 2)
+
+
+def test_dice_losses_weigh_every_structure_alike():
+    """A structure of 4 voxels with an uncertain half counts as much as one of 60 that is certain."""
+    probs = np.zeros((3, 8, 8))
+    probs[0] = 1.0
+    probs[0, :6], probs[1, :6] = 0.0, 1.0  # structure 1: 48 voxels, certain
+    probs[0, 7, :4], probs[2, 7, :4] = 0.0, 1.0  # structure 2: 4 voxels
+    assert expected_dice_loss(probs, [1, 2]) == 0.0
+    unsure = probs.copy()
+    unsure[2, 7, :2], unsure[0, 7, :2] = 0.6, 0.4  # still predicted, with probability 0.6
+    # structure 2: predicted 4 voxels, probability mass 3.2, overlap 3.2 -> Dice 6.4 / 7.2
+    assert abs(expected_dice_loss(unsure, [1, 2]) - (1 - (1 + 6.4 / 7.2) / 2)) < 1e-9
+    assert abs(expected_dice_loss(unsure, [2]) - (1 - 6.4 / 7.2)) < 1e-9
+
+    moved = probs.copy()
+    moved[2, 7, :4], moved[0, 7, :4] = 0.0, 1.0
+    moved[2, 7, 2:6], moved[0, 7, 2:6] = 1.0, 0.0  # structure 2 shifted by two voxels
+    samples = np.stack([probs, probs, probs, moved])
+    # mean prediction keeps the original outline; one sample of four overlaps it by half
+    assert abs(sample_dice_loss(samples, [2]) - (1 - (3 + 0.5) / 4)) < 1e-9
+    assert sample_dice_loss(samples, [1]) == 0.0
+    absent = np.zeros((3, 8, 8))
+    absent[0] = 1.0
+    assert sample_dice_loss(absent[None], [1, 2]) == 0.0 and expected_dice_loss(absent, [1, 2]) == 0.0
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.int32])

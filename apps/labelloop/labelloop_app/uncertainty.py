@@ -6,6 +6,8 @@ for voxels. Higher always means "more useful to annotate next".
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 _EPS = 1e-12
@@ -48,3 +50,39 @@ def disagreement(labels: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """Fraction of the label maps in ``labels`` (``(T, ...)``, e.g. argmax per augmentation) that differ from
     ``reference`` (``(...)``) at each position: 0 where all agree, 1 where none agrees with the reference."""
     return (np.asarray(labels) != np.asarray(reference)[None]).mean(axis=0)
+
+
+def _dice(a: np.ndarray, b: np.ndarray, axis=None) -> np.ndarray:
+    """Soft Dice of two non-negative maps; 1 where both are empty (nothing to disagree about)."""
+    inter = (a * b).sum(axis=axis)
+    total = a.sum(axis=axis) + b.sum(axis=axis)
+    return np.where(total > 0, 2.0 * inter / np.maximum(total, _EPS), 1.0)
+
+
+def expected_dice_loss(probs: np.ndarray, labels: Sequence[int]) -> float:
+    """One minus the Dice the model expects of its own prediction, averaged over ``labels``.
+
+    ``probs`` is ``(C, ...)``. Per structure, the soft Dice of the predicted mask (argmax) against the model's
+    probability of that structure: if the probabilities are calibrated this is the prediction's expected Dice, the
+    metric the annotation study measures. Being per structure, a small organ's uncertain rim weighs as much as a
+    large organ's, where a voxel average lets the large organs dominate.
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    predicted = p.argmax(0)
+    return float(1.0 - np.mean([_dice((predicted == c).astype(np.float64), p[c]) for c in labels]))
+
+
+def sample_dice_loss(samples: np.ndarray, labels: Sequence[int]) -> float:
+    """One minus the mean Dice between each sample's mask and the mean prediction's, averaged over ``labels``.
+
+    ``samples`` is ``(T, C, ...)`` (MC-dropout passes): how much the structures' outlines move between passes,
+    in the metric's own units (structure-wise Dice agreement of MC samples).
+    """
+    s = np.asarray(samples, dtype=np.float64)
+    reference = s.mean(0).argmax(0)
+    per_sample = s.argmax(1)
+    axes = tuple(range(1, per_sample.ndim))
+    dice = [
+        _dice((per_sample == c).astype(np.float64), (reference == c)[None].astype(np.float64), axes) for c in labels
+    ]
+    return float(1.0 - np.mean(dice))

@@ -33,11 +33,18 @@ from labelloop_app.activelearning.records import read_records, store_record
 from labelloop_app.conf import SegmentationConf
 from labelloop_app.networks import segmentation_network
 from labelloop_app.transforms import LoadSITKd, intensity_transforms, plain_tensor
-from labelloop_app.uncertainty import disagreement, entropy, mutual_information
+from labelloop_app.uncertainty import (
+    disagreement,
+    entropy,
+    expected_dice_loss,
+    mutual_information,
+    sample_dice_loss,
+)
 
 logger = logging.getLogger(__name__)
 
 TASK = "segmentation"
+SCORES = ("entropy", "mutual_information", "expected_dice_loss", "sample_dice_loss", "tta")
 
 # Test-time augmentations: (transform of the image, transform that puts the prediction back). After RAS
 # orientation the spatial axes are (left-right, anterior-posterior, superior-inferior). Left-right flips are left
@@ -152,6 +159,9 @@ class SegmentationScorer:
 
     - ``entropy``: predictive entropy of the mean of ``mc_samples`` MC-dropout passes (normalised to [0, 1]),
       averaged over the patient's body; ``mutual_information`` is its epistemic part (BALD, for ``bald``).
+    - ``expected_dice_loss``: one minus the Dice the model expects of its prediction, per structure, from the mean
+      MC-dropout probabilities; ``sample_dice_loss``: one minus the Dice agreement between the MC passes' masks.
+      Both are in the units of the metric annotators care about, averaged over structures (for ``dice``).
     - ``tta``: fraction of the body's voxels whose label changes under a test-time augmentation (AP/SI flips,
       brighter, darker), averaged over the augmentations.
 
@@ -277,6 +287,7 @@ class SegmentationScorer:
         voxel_entropy = entropy(mc.mean(0))
         voxel_mi = mutual_information(mc)
         voxel_disagreement = disagreement(aug, ref)
+        structures = range(1, mc.shape[1])
 
         def region_mean(values: np.ndarray, region: np.ndarray) -> float:
             return float(values[region].mean()) if region.any() else float(values.mean())
@@ -286,6 +297,8 @@ class SegmentationScorer:
                 "entropy": round(region_mean(voxel_entropy, body), 6),
                 "mutual_information": round(region_mean(voxel_mi, body), 6),
                 "tta": round(region_mean(voxel_disagreement, body), 6),
+                "expected_dice_loss": round(expected_dice_loss(mc.mean(0), structures), 6),
+                "sample_dice_loss": round(sample_dice_loss(mc, structures), 6),
                 "foreground_fraction": round(float(foreground[body].mean() if body.any() else foreground.mean()), 6),
                 "mc_samples": self.mc_samples,
                 "tta_transforms": list(self.tta),
@@ -315,7 +328,7 @@ class SegmentationScoring(ScoringMethod):
     ):
         super().__init__(
             "MC-dropout entropy, test-time-augmentation disagreement and bottleneck embedding of each image, "
-            "for the entropy, tta, diversity and hybrid strategies"
+            "for the entropy, bald, dice, tta, diversity and hybrid strategies"
         )
         self.scorer = scorer
         self.model_path = model_path
@@ -339,7 +352,14 @@ class SegmentationScoring(ScoringMethod):
         info.update(
             {
                 "task": TASK,
-                "scores": ["entropy", "mutual_information", "tta", "embedding"],
+                "scores": [
+                    "entropy",
+                    "mutual_information",
+                    "expected_dice_loss",
+                    "sample_dice_loss",
+                    "tta",
+                    "embedding",
+                ],
                 "max_images": self.max_images,
                 "spacing": list(self.scorer.spacing),
                 "mc_samples": self.scorer.mc_samples,
