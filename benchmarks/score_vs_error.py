@@ -14,7 +14,8 @@ its own, so not the same cases). At each of ``--labels`` it scores every pool ca
   than random picks; the "oracle" row ranks by the error itself, the most any score could reach);
 - the AUC with which it tells the rare native-phase cases from the rest.
 
-Scores: ``entropy``, ``mutual_information`` (``bald``), ``tta``, ``foreground_fraction``, and the distance to the
+Scores: ``entropy``, ``mutual_information`` (``bald``), ``tta``, ``foreground_fraction``, the structure-wise
+``expected_dice_loss`` and ``sample_dice_loss``, and the distance to the
 nearest labeled case in the bottleneck embedding (``diversity``) and in the appearance features.
 
 Writes ``score_vs_error.{json,md}`` to ``--out``.
@@ -42,7 +43,7 @@ from labelloop_app.conf import SegmentationConf
 from labelloop_app.synthetic import SEG_LABELS
 
 HERE = Path(__file__).resolve().parent
-STORED = ("entropy", "mutual_information", "tta", "foreground_fraction")
+STORED = ("entropy", "mutual_information", "tta", "foreground_fraction", "expected_dice_loss", "sample_dice_loss")
 DISTANCES = {"embedding_distance": "embedding", "appearance_distance": "appearance"}
 SCORES = (*STORED, *DISTANCES, "oracle")
 
