@@ -32,6 +32,10 @@ and the labels each strategy needs to reach 95% of the all-labels Dice, relative
 from resampling the seeds. When random never reaches that within ``--max-labels`` (a pool much larger than the
 budget), the labels each strategy needs to reach random's final Dice say what it saves instead.
 
+Two reference strategies see the pool's ground truth and are not offered by the server: ``oracle_error`` labels the
+cases the current model segments worst (the most that any estimate of the model's error could save) and
+``oracle_rare`` the rare subgroup first (the most that finding the subgroup could save).
+
 ``--render benchmarks/results/<name>.json`` runs nothing: it re-writes a recorded study's summary, report and plot
 from its JSON, with the written notes kept in the JSON's ``notes``.
 """
@@ -79,7 +83,10 @@ from labelloop_app.training import PolyLR
 HERE = Path(__file__).resolve().parent
 SEG_STRATEGIES = ("random", "entropy", "bald", "dice", "tta", "diversity", "hybrid")
 CLS_STRATEGIES = ("random", "cls_entropy", "cls_margin", "cls_least_confidence", "cls_finding")
-STRATEGIES = (*(s for s in SEG_STRATEGIES if s not in ("bald", "dice")), *CLS_STRATEGIES[1:], "bald", "dice")
+ORACLES = ("oracle_error", "oracle_rare")
+"""Reference strategies that see the pool's ground truth, not offered by the server: the worst-segmented cases first
+(the most any score of the model's error could do), and the rare subgroup first (the most finding it could do)."""
+STRATEGIES = (*(s for s in SEG_STRATEGIES if s not in ("bald", "dice")), *CLS_STRATEGIES[1:], "bald", "dice", *ORACLES)
 """The index seeds each strategy's random stream (a strategy added later goes last, so that recorded streams stay)."""
 UNCERTAIN = (
     "entropy",
@@ -172,8 +179,9 @@ class Trainer:
         data = [{"image": c["image"], "label": c["label"]} for c in pool]
         self.index = {c["id"]: i for i, c in enumerate(pool)}
         self.train_ds = CacheDataset(data, Compose(self.task.train_pre_transforms(ctx)), progress=False)
-        val = Compose(self.task.val_pre_transforms(ctx))
-        self.heldout = [(c, val({"image": c["image"], "label": c["label"]})) for c in heldout]
+        self.val = Compose(self.task.val_pre_transforms(ctx))
+        self.heldout = [(c, self.val({"image": c["image"], "label": c["label"]})) for c in heldout]
+        self.pool, self._pool_val = pool, None
         self.loss = self.task.loss_function(ctx)
 
     def new_network(self) -> torch.nn.Module:
@@ -187,12 +195,20 @@ class Trainer:
             network, optimizer, self.loss, steps, lambda: self.train_ds[self.index[rng.choice(list(labeled))]]
         )
 
-    def evaluate(self, network: torch.nn.Module) -> Dict[str, Any]:
-        """Held-out Dice per organ at the training spacing (organs absent from a case are not counted)."""
+    def pool_dice(self, network: torch.nn.Module, ids: Sequence[str]) -> Dict[str, float]:
+        """Mean Dice of the pool cases ``ids`` against their ground truth (for the oracle strategies only)."""
+        if self._pool_val is None:
+            self._pool_val = {c["id"]: (c, self.val({"image": c["image"], "label": c["label"]})) for c in self.pool}
+        cases = [self._pool_val[i] for i in ids]
+        return {c["id"]: c["mean"] for c in self.evaluate(network, cases)["cases"]}
+
+    def evaluate(self, network: torch.nn.Module, cases: Optional[Sequence] = None) -> Dict[str, Any]:
+        """Held-out Dice per organ at the training spacing (organs absent from a case are not counted); ``cases``:
+        other (case, preprocessed data) pairs than the held-out ones."""
         network.eval()
         per_case = []
         with torch.inference_mode():
-            for case, d in self.heldout:
+            for case, d in self.heldout if cases is None else cases:
                 image = d["image"][None]
                 inferer = SlidingWindowInferer(window_size(image.shape[2:], self.conf.roi_size), sw_batch_size=1)
                 pred = inferer(image, network).argmax(1)[0].numpy()
@@ -225,6 +241,8 @@ def make_strategy(
         return ScoreStrategy(name, name, SCORE_KEY[name], "segmentation", *args, rng=rng)
     if name in CLS_STRATEGIES[1:]:
         return ScoreStrategy(name, name, name[len("cls_") :], "classification", *args, rng=rng)
+    if name in ORACLES:
+        return ScoreStrategy(name, name, name, "segmentation", *args, rng=rng)
     if name == "diversity":
         return DiversityStrategy(*args, features=features, rng=rng)
     if name == "hybrid":
@@ -280,7 +298,9 @@ def run(
         t0 = time.time()
         state["version"] = f"seed{seed}-{strategy}-round{r}"
         state["records"] = {}
-        if strategy != "random":
+        if strategy in ORACLES:
+            state["records"] = oracle_records(strategy, network, trainer, cases, labeled, rng, state["version"])
+        elif strategy != "random":
             for image_id in cases:
                 embedding_only = image_id in labeled or strategy == "diversity"
                 rec = scorer.score(network, images[image_id], embedding_only=embedding_only)
@@ -321,6 +341,26 @@ def run(
             flush=True,
         )
     return rounds
+
+
+def oracle_records(
+    strategy: str,
+    network: torch.nn.Module,
+    trainer: Trainer,
+    cases: Dict[str, Dict],
+    labeled: Sequence[str],
+    rng: random.Random,
+    version: str,
+) -> Dict[str, Dict[str, Any]]:
+    """The unlabeled cases' oracle scores: ``oracle_error`` one minus the case's Dice against its ground truth;
+    ``oracle_rare`` 1 for the rare subgroup, 0 for the rest, plus a random fraction so that the order within each
+    is random."""
+    unlabeled = [i for i in cases if i not in labeled]
+    if strategy == "oracle_error":
+        score = {i: 1.0 - d for i, d in trainer.pool_dice(network, unlabeled).items()}
+    else:
+        score = {i: float(cases[i]["rare"]) + 0.5 * rng.random() for i in unlabeled}
+    return {i: {strategy: round(v, 6), "model_version": version} for i, v in score.items()}
 
 
 def _separation(
@@ -685,7 +725,7 @@ def main(argv=None) -> int:
     if args.render:
         print(render_recorded(args.render, markdown, "held-out mean Dice"))
         return 0
-    strategies = parse_strategies(ap, args.strategies, SEG_STRATEGIES)
+    strategies = parse_strategies(ap, args.strategies, (*SEG_STRATEGIES, *ORACLES))
 
     torch.set_num_threads(args.threads)
     start = time.time()
