@@ -32,9 +32,11 @@ and the labels each strategy needs to reach 95% of the all-labels Dice, relative
 from resampling the seeds. When random never reaches that within ``--max-labels`` (a pool much larger than the
 budget), the labels each strategy needs to reach random's final Dice say what it saves instead.
 
-Two reference strategies see the pool's ground truth and are not offered by the server: ``oracle_error`` labels the
-cases the current model segments worst (the most that any estimate of the model's error could save) and
-``oracle_rare`` the rare subgroup first (the most that finding the subgroup could save).
+``dice`` ranks by the scorer's structure-wise expected Dice loss; it is measured here but not offered by the
+server, as it needed more labels than random. Two reference strategies see the pool's ground truth and are not
+offered by the server either: ``oracle_error`` labels the cases the current model segments worst (the most that any
+estimate of the model's error could save) and ``oracle_rare`` the rare subgroup first (the most that finding the
+subgroup could save).
 
 ``--render benchmarks/results/<name>.json`` runs nothing: it re-writes a recorded study's summary, report and plot
 from its JSON, with the written notes kept in the JSON's ``notes``.

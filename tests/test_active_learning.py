@@ -39,12 +39,11 @@ pytestmark = pytest.mark.server
 N_LABELED, N_UNLABELED = 3, 8
 LEASE_SECONDS = 8
 SCORING_CAP = 6
-UNCERTAINTY = ("entropy", "bald", "dice", "tta", "diversity", "hybrid")
+UNCERTAINTY = ("entropy", "bald", "tta", "diversity", "hybrid")
 STRATEGIES = ("random", "first", *UNCERTAINTY)
 SCORE_NAMES = {
     "entropy": "entropy",
     "bald": "mutual_information",
-    "dice": "expected_dice_loss",
     "tta": "tta",
     "diversity": "kcenter_distance",
     "hybrid": "kcenter_distance",
@@ -197,7 +196,7 @@ def test_every_strategy_returns_an_unlabeled_image_with_its_score(al):
         if strategy in UNCERTAINTY:
             assert answer["score_name"] == SCORE_NAMES[strategy]
             assert answer["score"] is not None and answer["model_version"] == version
-        if strategy in ("entropy", "bald", "dice", "tta"):
+        if strategy in ("entropy", "bald", "tta"):
             # the top score among all unlabeled images except the one bob had (and skipped by asking again)
             key = SCORE_NAMES[strategy]
             best = max(stored[i][key] for i in unlabeled - {previous})

@@ -121,14 +121,6 @@ class ActiveLearning:
                 "segmentation",
                 *args,
             )
-            s["dice"] = ScoreStrategy(
-                "dice",
-                "Expected Dice loss: the image whose structures the model expects to outline worst, from its "
-                "MC-dropout probabilities, every structure weighed alike as the Dice metric does",
-                "expected_dice_loss",
-                "segmentation",
-                *args,
-            )
             s["tta"] = ScoreStrategy(
                 "tta",
                 "Test-time augmentation: the image whose segmentation changes most under flips and intensity changes",

@@ -161,7 +161,9 @@ class SegmentationScorer:
       averaged over the patient's body; ``mutual_information`` is its epistemic part (BALD, for ``bald``).
     - ``expected_dice_loss``: one minus the Dice the model expects of its prediction, per structure, from the mean
       MC-dropout probabilities; ``sample_dice_loss``: one minus the Dice agreement between the MC passes' masks.
-      Both are in the units of the metric annotators care about, averaged over structures (for ``dice``).
+      Both are in the units of the metric annotators care about, averaged over structures; stored for the queue
+      and the benchmarks, no strategy ranks by them (``benchmarks/active_learning.py``: ranking by the first needs
+      more labels than random).
     - ``tta``: fraction of the body's voxels whose label changes under a test-time augmentation (AP/SI flips,
       brighter, darker), averaged over the augmentations.
 
@@ -328,7 +330,7 @@ class SegmentationScoring(ScoringMethod):
     ):
         super().__init__(
             "MC-dropout entropy, test-time-augmentation disagreement and bottleneck embedding of each image, "
-            "for the entropy, bald, dice, tta, diversity and hybrid strategies"
+            "for the entropy, bald, tta, diversity and hybrid strategies"
         )
         self.scorer = scorer
         self.model_path = model_path
