@@ -276,3 +276,43 @@ def test_the_recorded_score_study_report_is_what_its_json_renders_to():
     result = json.loads(recorded.read_text())
     assert all(set(row["scores"]) == set(SCORES) for row in result["checkpoints"])
     assert "\n".join(markdown(result)) + "\n" == recorded.with_suffix(".md").read_text()
+
+
+def test_oracle_strategies_pick_the_worst_segmented_or_the_rare_cases_first():
+    import random
+
+    from active_learning import make_strategy, oracle_records
+
+    from labelloop_app.activelearning.leases import LeaseBook
+    from labelloop_app.activelearning.strategies import Pool
+
+    cases = {f"c{i}": {"rare": i in (3, 5)} for i in range(8)}
+    labeled = ["c0", "c5"]
+
+    class PoolDice:  # the study's trainer, as far as the oracle needs it: Dice of pool cases on ground truth
+        def pool_dice(self, network, ids):
+            return {i: 0.9 - 0.1 * int(i[1:]) if i != "c2" else 0.05 for i in ids}
+
+    def picks(strategy: str, records) -> list:
+        pool = Pool(
+            available=[i for i in cases if i not in labeled],
+            labeled=labeled,
+            leased={},
+            records=records,
+            model_version="v1",
+        )
+        chooser = make_strategy(strategy, LeaseBook(60.0), lambda *a: pool, random.Random(0), 0.5)
+        return [p.image_id for p in chooser.order(pool, 3)[0]]
+
+    worst = oracle_records("oracle_error", None, PoolDice(), cases, labeled, random.Random(0), "v1")
+    assert set(worst) == set(cases) - set(labeled) and worst["c2"]["oracle_error"] == pytest.approx(0.95)
+    assert picks("oracle_error", worst)[:3] == ["c2", "c7", "c6"]
+
+    for seed in range(5):
+        rare_first = oracle_records("oracle_rare", None, PoolDice(), cases, labeled, random.Random(seed), "v1")
+        assert picks("oracle_rare", rare_first)[0] == "c3"  # the only unlabeled rare case, whatever the draws
+    orders = {
+        tuple(picks("oracle_rare", oracle_records("oracle_rare", None, None, cases, labeled, random.Random(s), "v1")))
+        for s in range(5)
+    }
+    assert len(orders) > 1, "the common cases follow in a random order"
