@@ -203,7 +203,7 @@ class SegmentationScorer:
                 EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
             ]
         )
-        self._bottlenecks: Dict[int, torch.nn.Module] = {}
+        self._bottlenecks: Dict[type, str] = {}
 
     def load_image(self, path: str) -> torch.Tensor:
         """The image as the network sees it when scoring: ``(1, 1, X, Y, Z)`` at the scoring spacing."""
@@ -222,12 +222,15 @@ class SegmentationScorer:
         return image != 0 if self.conf.modality == "MR" else image > 0.05
 
     def bottleneck(self, network: torch.nn.Module) -> torch.nn.Module:
-        key = id(network)
+        """The bottleneck module of ``network``. Its name is found once per network class (the scorer's networks
+        share one architecture) and looked up in each network: a module cached by ``id(network)`` could belong to
+        a freed network whose id a new one reuses, and its hook would never fire."""
+        key = type(network)
         if key not in self._bottlenecks:
-            name, module = find_bottleneck(network)
-            logger.info("Embedding from the bottleneck %r of %s", name, type(network).__name__)
-            self._bottlenecks = {key: module}
-        return self._bottlenecks[key]
+            name, _ = find_bottleneck(network)
+            logger.info("Embedding from the bottleneck %r of %s", name, key.__name__)
+            self._bottlenecks[key] = name
+        return network.get_submodule(self._bottlenecks[key])
 
     def score(
         self,
