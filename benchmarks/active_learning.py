@@ -90,14 +90,8 @@ ORACLES = ("oracle_error", "oracle_rare")
 (the most any score of the model's error could do), and the rare subgroup first (the most finding it could do)."""
 STRATEGIES = (*(s for s in SEG_STRATEGIES if s not in ("bald", "dice")), *CLS_STRATEGIES[1:], "bald", "dice", *ORACLES)
 """The index seeds each strategy's random stream (a strategy added later goes last, so that recorded streams stay)."""
-UNCERTAIN = (
-    "entropy",
-    "bald",
-    "dice",
-    "tta",
-    "hybrid",
-    *CLS_STRATEGIES[1:],
-)  # they need full scores of the unlabeled images
+UNCERTAIN = ("entropy", "bald", "dice", "tta", "hybrid", *CLS_STRATEGIES[1:])
+"""They need full scores of the unlabeled images."""
 EMBEDDED = ("diversity", "hybrid")  # they pick by distances in the embedding space
 SCORE_KEY = {
     "entropy": "entropy",

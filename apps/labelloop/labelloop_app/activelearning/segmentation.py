@@ -357,14 +357,7 @@ class SegmentationScoring(ScoringMethod):
         info.update(
             {
                 "task": TASK,
-                "scores": [
-                    "entropy",
-                    "mutual_information",
-                    "expected_dice_loss",
-                    "sample_dice_loss",
-                    "tta",
-                    "embedding",
-                ],
+                "scores": [*SCORES, "embedding"],
                 "max_images": self.max_images,
                 "spacing": list(self.scorer.spacing),
                 "mc_samples": self.scorer.mc_samples,
