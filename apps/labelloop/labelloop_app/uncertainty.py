@@ -9,6 +9,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import torch
+from monai.metrics import compute_dice
+from monai.networks.utils import one_hot
 
 _EPS = 1e-12
 
@@ -52,11 +55,11 @@ def disagreement(labels: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return (np.asarray(labels) != np.asarray(reference)[None]).mean(axis=0)
 
 
-def _dice(a: np.ndarray, b: np.ndarray, axis=None) -> np.ndarray:
-    """Soft Dice of two non-negative maps; 1 where both are empty (nothing to disagree about)."""
-    inter = (a * b).sum(axis=axis)
-    total = a.sum(axis=axis) + b.sum(axis=axis)
-    return np.where(total > 0, 2.0 * inter / np.maximum(total, _EPS), 1.0)
+def _foreground_dice(predicted: torch.Tensor, reference: torch.Tensor, labels: Sequence[int]) -> float:
+    """Mean over ``labels`` of MONAI's Dice of the one-hot ``predicted`` against the one-hot or soft ``reference``
+    (both ``(B, C, ...)``), 1 where both are empty."""
+    dice = compute_dice(predicted, reference, include_background=False, ignore_empty=False)
+    return float(dice[:, [c - 1 for c in labels]].mean())
 
 
 def expected_dice_loss(probs: np.ndarray, labels: Sequence[int]) -> float:
@@ -67,9 +70,9 @@ def expected_dice_loss(probs: np.ndarray, labels: Sequence[int]) -> float:
     metric the annotation study measures. Being per structure, a small organ's uncertain rim weighs as much as a
     large organ's, where a voxel average lets the large organs dominate.
     """
-    p = np.asarray(probs, dtype=np.float64)
-    predicted = p.argmax(0)
-    return float(1.0 - np.mean([_dice((predicted == c).astype(np.float64), p[c]) for c in labels]))
+    p = torch.as_tensor(np.asarray(probs, dtype=np.float64))
+    predicted = one_hot(p.argmax(0)[None, None], num_classes=p.shape[0], dtype=torch.float64)
+    return 1.0 - _foreground_dice(predicted, p[None], labels)
 
 
 def sample_dice_loss(samples: np.ndarray, labels: Sequence[int]) -> float:
@@ -78,11 +81,8 @@ def sample_dice_loss(samples: np.ndarray, labels: Sequence[int]) -> float:
     ``samples`` is ``(T, C, ...)`` (MC-dropout passes): how much the structures' outlines move between passes,
     in the metric's own units (structure-wise Dice agreement of MC samples).
     """
-    s = np.asarray(samples, dtype=np.float64)
-    reference = s.mean(0).argmax(0)
-    per_sample = s.argmax(1)
-    axes = tuple(range(1, per_sample.ndim))
-    dice = [
-        _dice((per_sample == c).astype(np.float64), (reference == c)[None].astype(np.float64), axes) for c in labels
-    ]
-    return float(1.0 - np.mean(dice))
+    s = torch.as_tensor(np.asarray(samples, dtype=np.float64))
+    classes = s.shape[1]
+    per_sample = one_hot(s.argmax(1, keepdim=True), num_classes=classes, dtype=torch.float64)
+    reference = one_hot(s.mean(0).argmax(0)[None, None], num_classes=classes, dtype=torch.float64).expand_as(per_sample)
+    return 1.0 - _foreground_dice(per_sample, reference, labels)
