@@ -165,7 +165,7 @@ def main(argv=None) -> int:
         pool = build_cohort(Path(tmp), "seg", args.pool, 0, "native", args.rare_every)
         cases = {c["id"]: c for c in pool}
         rare = {i: c["rare"] for i, c in cases.items()}
-        trainer = Trainer(conf, pool, pool, Path(tmp), 1e-3)  # "held-out" = the pool: Dice of every pool case
+        trainer = Trainer(conf, pool, [], Path(tmp), 1e-3)
         images = {i: scorer.load_image(c["image"]) for i, c in cases.items()}
         for seed in range(args.seeds):
             labeled = random.Random(seed).sample(sorted(cases), args.initial)
@@ -176,7 +176,7 @@ def main(argv=None) -> int:
             seed_training(trainer, 1000 * seed + 17)
             while True:
                 if len(labeled) in checkpoints:
-                    dice = {c["id"]: c["mean"] for c in trainer.evaluate(network)["cases"]}
+                    dice = trainer.pool_dice(network, list(cases))
                     error = {i: 1.0 - d for i, d in dice.items()}
                     records = {i: scorer.score(network, images[i]) for i in cases}
                     unlabeled = [i for i in cases if i not in labeled]
