@@ -15,8 +15,9 @@ orientations, field-of-view cuts and hard cases as ``sample-data/segmentation``)
 small (``small=True``, 48-64 voxels per side) so that the whole study fits on a laptop CPU.
 
 ``--rare`` names a subgroup and ``--rare-every`` / ``--heldout-rare-every`` how often a case belongs to it: ``hard``
-(small organs, little fat, 18-25 HU noise; every 4th case by default, as in the sample data) or ``native`` (native
-phase among contrast-enhanced scans, no hard cases: a protocol a model has rarely seen, but can learn). A pool where
+(small organs, little fat, 18-25 HU noise; every 4th case by default, as in the sample data), ``native`` (native
+phase among contrast-enhanced scans, no hard cases: a protocol a model has rarely seen) or ``mirrored`` (situs
+inversus, liver and spleen on the other side, no hard cases: anatomy a model cannot extrapolate to). A pool where
 the subgroup is rare (``--rare-every 10``) and a held-out set where it is half (``--heldout-rare-every 2``) asks the
 question active learning is for: does it find the few cases unlike the rest, and does labelling them pay?
 
@@ -107,8 +108,8 @@ SCORE_KEY = {
 # ------------------------------------------------------------------------------------------------------------------
 # cohort
 # ------------------------------------------------------------------------------------------------------------------
-RARE = ("hard", "native")
-RARE_WORDS = {"hard": "hard cases", "native": "native-phase cases"}
+RARE = ("hard", "native", "mirrored")
+RARE_WORDS = {"hard": "hard cases", "native": "native-phase cases", "mirrored": "situs-inversus cases"}
 
 
 def build_cohort(
@@ -117,14 +118,17 @@ def build_cohort(
     """Render the sample data's cohort plan small and write image + ground truth; returns the cases.
 
     Every ``rare_every``-th case (0: none) belongs to the ``rare`` subgroup: ``hard`` cases (as every 4th is in the
-    sample data; contrast phase from the seed) or ``native``-phase cases among enhanced ones (none hard)."""
+    sample data; contrast phase from the seed), ``native``-phase cases among enhanced ones (none hard) or
+    ``mirrored`` (situs inversus) cases among normal ones (none hard; contrast phase from the seed)."""
     cases = []
     for i, plan in enumerate(cohort_plan(kind, n, seed=seed)):
         is_rare = rare_every > 0 and i % rare_every == rare_every - 1
         if rare == "hard":
             plan["hard"] = is_rare
-        else:
+        elif rare == "native":
             plan["hard"], plan["enhanced"] = False, not is_rare
+        else:
+            plan["hard"], plan["mirrored"] = False, is_rare
         kw = {k: v for k, v in plan.items() if k != "id"}
         case = phantom_case(**kw, small=True)
         image, label = folder / f"{plan['id']}.nii.gz", folder / f"{plan['id']}_label.nii.gz"
@@ -702,7 +706,7 @@ def main(argv=None) -> int:
     ap.add_argument("--strategies", default="random,entropy,diversity,hybrid")
     ap.add_argument("--pool", type=int, default=24)
     ap.add_argument("--heldout", type=int, default=16)
-    ap.add_argument("--rare", choices=RARE, default="hard", help="the subgroup: hard cases or native-phase cases")
+    ap.add_argument("--rare", choices=RARE, default="hard", help="the subgroup: " + ", ".join(RARE_WORDS.values()))
     ap.add_argument(
         "--rare-every",
         type=int,

@@ -116,6 +116,25 @@ def test_forcing_the_contrast_phase_changes_only_the_enhancing_structures():
     assert (np.abs(hu_enhanced - hu_native)[labels == 0] > 1).mean() < 0.1  # aorta and veins, not the body
 
 
+def test_situs_inversus_mirrors_liver_and_spleen_and_keeps_the_rest():
+    normal = phantom_case(1, small=True, fov="full", hard=False)
+    mirrored = phantom_case(1, small=True, fov="full", hard=False, mirrored=True)
+    assert mirrored.info["situs"] == "inversus" and "situs" not in normal.info
+    assert _geometry(mirrored.image) == _geometry(normal.image) == _geometry(mirrored.label)
+    assert mirrored.info["noise_hu"] == normal.info["noise_hu"]
+    for name in ("liver", "spleen"):  # the same organ, on the other side of the midplane
+        a, b = _centroid(normal.label, SEG_LABELS[name]), _centroid(mirrored.label, SEG_LABELS[name])
+        assert a[0] * b[0] < 0 and abs(a[0] + b[0]) < 10, name
+        assert np.allclose(a[1:], b[1:], atol=10), name
+    assert _centroid(mirrored.label, SEG_LABELS["liver"])[0] > 0 > _centroid(mirrored.label, SEG_LABELS["spleen"])[0]
+    for name in ("kidney_left", "kidney_right"):  # in place
+        assert np.allclose(
+            _centroid(normal.label, SEG_LABELS[name]), _centroid(mirrored.label, SEG_LABELS[name]), atol=2
+        )
+    counts = [np.bincount(sitk.GetArrayFromImage(c.label).ravel(), minlength=5) for c in (normal, mirrored)]
+    assert np.allclose(counts[0][1:], counts[1][1:], rtol=0.1)
+
+
 def test_orientation_never_changes_anatomy():
     ras_img, ras_lab = make_phantom(7, orientation="RAS", small=True)
     lps_img, lps_lab = make_phantom(7, orientation="LPS", small=True)

@@ -26,7 +26,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -309,8 +309,17 @@ def _default_flags(seed: int) -> tuple[str, bool]:
     return mode, bool(rng.random() < 0.25)
 
 
-def _make_anatomy(seed: int, hard: bool, enhanced: bool | None = None) -> _Anatomy:
-    """Random torso: body, wall, organs, vessels, bowel, spine, lungs, table (the same for any header)."""
+def _mirror_x(shape: _Shape) -> _Shape:
+    """The mirror image of a shape across the body's sagittal midplane (physical x = 0)."""
+    flip = np.diag([-1.0, 1.0, 1.0])
+    return replace(shape, center=flip @ shape.center, rot=flip @ shape.rot)
+
+
+def _make_anatomy(seed: int, hard: bool, enhanced: bool | None = None, mirrored: bool = False) -> _Anatomy:
+    """Random torso: body, wall, organs, vessels, bowel, spine, lungs, table (the same for any header).
+
+    ``mirrored``: situs inversus, the liver, gallbladder, spleen, stomach and great vessels on the other side (the
+    kidneys stay); drawn from the same random numbers as the case without it."""
     rng = _rng(seed, 1)
     u = rng.uniform
     s = u(0.85, 1.15)  # patient size
@@ -475,6 +484,12 @@ def _make_anatomy(seed: int, hard: bool, enhanced: bool | None = None) -> _Anato
         thick = u(6.0, 12.0)
         y_table = body.extra["b_post"] * (1 + body.extra["eb"]) + u(3.0, 25.0) + thick / 2
         table = _Shape(np.array([0.0, y_table, 0.0]), np.array([u(180.0, 230.0), thick / 2, 1.0]), kind="box")
+    if mirrored:
+        organs["liver"], organs["spleen"] = _mirror_x(organs["liver"]), _mirror_x(organs["spleen"])
+        stomach = _mirror_x(stomach)
+        gb = _mirror_x(gb)
+        liver_vessels = [_mirror_x(v) for v in liver_vessels]
+        vessels = [(_mirror_x(v), value) for v, value in vessels]
     return _Anatomy(
         hard=hard,
         enhanced=enhanced,
@@ -934,6 +949,7 @@ def _setup_case(
     hard: bool | None,
     small: bool,
     enhanced: bool | None = None,
+    mirrored: bool = False,
 ) -> tuple[_Anatomy, _Grid, dict[str, Any], dict[str, Any]]:
     """Anatomy, grid, acquisition and description of a segmentation case (no rendering)."""
     default_mode, default_hard = _default_flags(seed)
@@ -943,7 +959,7 @@ def _setup_case(
     hard = default_hard if hard is None else bool(hard)
     code, angle = _resolve_orientation(seed, orientation, oblique_deg)
     direction = orientation_direction(code, angle)
-    anat = _make_anatomy(seed, hard, enhanced)
+    anat = _make_anatomy(seed, hard, enhanced, mirrored)
     grid, acq = _plan_grid(
         anat, seed, profile="seg", mode=mode, small=small, size=size, spacing=spacing, direction=direction
     )
@@ -957,6 +973,8 @@ def _setup_case(
         "noise_hu": round(float(acq["noise_hu"]), 2),
         **_geometry_info(grid),
     }
+    if mirrored:
+        meta["situs"] = "inversus"
     return anat, grid, acq, meta
 
 
@@ -971,9 +989,10 @@ def phantom_geometry(
     hard: bool | None = None,
     small: bool = False,
     enhanced: bool | None = None,
+    mirrored: bool = False,
 ) -> dict[str, Any]:
     """Description and grid (size, spacing, origin, direction) of :func:`phantom_case` without rendering (fast)."""
-    return _setup_case(seed, size, spacing, orientation, oblique_deg, fov, hard, small, enhanced)[3]
+    return _setup_case(seed, size, spacing, orientation, oblique_deg, fov, hard, small, enhanced, mirrored)[3]
 
 
 def phantom_case(
@@ -987,6 +1006,7 @@ def phantom_case(
     hard: bool | None = None,
     small: bool = False,
     enhanced: bool | None = None,
+    mirrored: bool = False,
 ) -> PhantomCase:
     """Render one segmentation phantom and describe it (geometry, field of view, organ status, contrast, noise).
 
@@ -1000,8 +1020,12 @@ def phantom_case(
         small: tiny matrix (48-64 voxels per side) covering the same field of view, for fast tests.
         enhanced: contrast-enhanced (bright vessels and kidneys) or native phase; None picks it from the seed (40%
             enhanced). Forcing it changes nothing else about the case.
+        mirrored: situs inversus (liver, gallbladder, spleen, stomach and great vessels on the other side, the
+            kidneys in place); nothing else about the case changes.
     """
-    anat, grid, acq, meta = _setup_case(seed, size, spacing, orientation, oblique_deg, fov, hard, small, enhanced)
+    anat, grid, acq, meta = _setup_case(
+        seed, size, spacing, orientation, oblique_deg, fov, hard, small, enhanced, mirrored
+    )
     img, lab, _ = _render(anat, grid, acq, seed)
     organs = _organ_status(lab)
     for name in SEG_LABELS:
