@@ -316,3 +316,34 @@ def test_oracle_strategies_pick_the_worst_segmented_or_the_rare_cases_first():
         for s in range(5)
     }
     assert len(orders) > 1, "the common cases follow in a random order"
+
+
+@pytest.mark.parametrize("rare", ["native", "mirrored"])
+def test_the_study_cohort_puts_every_nth_case_in_the_rare_subgroup_and_nothing_else_changes(tmp_path, rare):
+    import SimpleITK as sitk
+    from active_learning import build_cohort
+
+    from labelloop_app.synthetic import SEG_LABELS
+
+    cases = build_cohort(tmp_path, "seg", 4, 0, rare, 2)
+    assert [c["rare"] for c in cases] == [False, True, False, True]
+    checked = set()
+    for case in cases:
+        label = sitk.ReadImage(case["label"])
+        image = sitk.ReadImage(case["image"])
+        assert (label.GetSize(), label.GetOrigin(), label.GetDirection()) == (
+            image.GetSize(),
+            image.GetOrigin(),
+            image.GetDirection(),
+        )
+        liver = np.argwhere(sitk.GetArrayFromImage(label) == SEG_LABELS["liver"])
+        if len(liver) == 0:  # a field-of-view cut may miss the liver
+            continue
+        centre = label.TransformContinuousIndexToPhysicalPoint([float(v) for v in liver[:, ::-1].mean(axis=0)])
+        on_patient_left = centre[0] > 0  # LPS: patient left is +x
+        assert on_patient_left == (rare == "mirrored" and case["rare"]), case["id"]
+        checked.add(case["rare"])
+        kidney_hu = sitk.GetArrayFromImage(image)[sitk.GetArrayFromImage(label) == SEG_LABELS["kidney_left"]]
+        if rare == "native" and len(kidney_hu) > 20:  # enhanced kidneys are 150-200 HU, native 25-40 HU
+            assert (np.median(kidney_hu) < 100) == case["rare"], case["id"]
+    assert checked == {False, True}
