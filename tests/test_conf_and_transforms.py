@@ -15,7 +15,14 @@ from labelloop_app.datastore import present_values
 from labelloop_app.labels import DEFAULT_SEG_LABELS, remap_by_name
 from labelloop_app.networks import segmentation_network
 from labelloop_app.transforms import LabelValuesToChannelsd, channel_values, intensity_transforms
-from labelloop_app.uncertainty import entropy, expected_dice_loss, least_confidence, margin, sample_dice_loss
+from labelloop_app.uncertainty import (
+    entropy,
+    expected_dice_loss,
+    fragmentation,
+    least_confidence,
+    margin,
+    sample_dice_loss,
+)
 
 
 def test_labels_from_comma_list_json_and_file(tmp_path):
@@ -120,6 +127,18 @@ def test_dice_losses_weigh_every_structure_alike():
     absent = np.zeros((3, 8, 8))
     absent[0] = 1.0
     assert sample_dice_loss(absent[None], [1, 2]) == 0.0 and expected_dice_loss(absent, [1, 2]) == 0.0
+
+
+def test_fragmentation_is_the_share_of_each_structure_outside_its_largest_piece():
+    prediction = np.zeros((10, 10, 10), dtype=np.uint8)
+    prediction[:4, :4, :4] = 1  # structure 1: one piece of 64 voxels
+    assert fragmentation(prediction, [1, 2]) == 0.0  # structure 2 absent: not counted
+    prediction[6:8, 6:8, 6:8] = 2  # structure 2: pieces of 8 and 4 voxels, apart
+    prediction[0, 8:10, 8:10] = 2
+    assert fragmentation(prediction, [1, 2]) == pytest.approx((0.0 + 4 / 12) / 2)
+    prediction[4, 4, 4] = 1  # a corner-touching voxel joins structure 1 (full connectivity)
+    assert fragmentation(prediction, [1]) == 0.0
+    assert fragmentation(np.zeros((4, 4, 4)), [1, 2]) == 0.0
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.int32])

@@ -1,7 +1,7 @@
 """Uncertainty measures shared by every task's active-learning scores.
 
-All take class probabilities with the class axis first: ``(C,)`` for one image-level prediction or ``(C, ...)``
-for voxels. Higher always means "more useful to annotate next".
+All but :func:`fragmentation` (a label map's) take class probabilities with the class axis first: ``(C,)`` for one
+image-level prediction or ``(C, ...)`` for voxels. Higher always means "more useful to annotate next".
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice
 from monai.networks.utils import one_hot
+from monai.transforms.utils import get_largest_connected_component_mask
 
 _EPS = 1e-12
 
@@ -86,3 +87,20 @@ def sample_dice_loss(samples: np.ndarray, labels: Sequence[int]) -> float:
     per_sample = one_hot(s.argmax(1, keepdim=True), num_classes=classes, dtype=torch.float64)
     reference = one_hot(s.mean(0).argmax(0)[None, None], num_classes=classes, dtype=torch.float64).expand_as(per_sample)
     return 1.0 - _foreground_dice(per_sample, reference, labels)
+
+
+def fragmentation(prediction: np.ndarray, labels: Sequence[int]) -> float:
+    """The share of each structure's predicted volume outside its largest connected piece, averaged over the
+    ``labels`` present in the label map ``prediction`` (0 when every structure is one piece or none is predicted).
+
+    Every structure is one organ, so a prediction in pieces is wrong somewhere, however confident: a model that meets
+    anatomy it has never seen (organs on the other side) scatters them with low entropy.
+    """
+    shares = []
+    for value in labels:
+        mask = torch.as_tensor(np.asarray(prediction) == value)
+        total = int(mask.sum())
+        if total:
+            largest = int(get_largest_connected_component_mask(mask).sum())
+            shares.append(1.0 - largest / total)
+    return float(np.mean(shares)) if shares else 0.0
