@@ -82,6 +82,7 @@ from labelloop_app.networks import segmentation_network
 from labelloop_app.synthetic import SEG_LABELS, cohort_plan, phantom_case
 from labelloop_app.train_segmentation import SegmentationTrain
 from labelloop_app.training import PolyLR
+from labelloop_app.uncertainty import fragmentation
 
 HERE = Path(__file__).resolve().parent
 SEG_STRATEGIES = ("random", "entropy", "bald", "dice", "tta", "diversity", "hybrid")
@@ -195,16 +196,21 @@ class Trainer:
             network, optimizer, self.loss, steps, lambda: self.train_ds[self.index[rng.choice(list(labeled))]]
         )
 
-    def pool_dice(self, network: torch.nn.Module, ids: Sequence[str]) -> Dict[str, float]:
-        """Mean Dice of the pool cases ``ids`` against their ground truth (for the oracle strategies only)."""
+    def pool_cases(self, network: torch.nn.Module, ids: Sequence[str]) -> List[Dict[str, Any]]:
+        """:meth:`evaluate`'s per-case results for the pool cases ``ids`` (their ground truth is the oracles' and the
+        benchmarks' to see, never a strategy's)."""
         if self._pool_val is None:
             self._pool_val = {c["id"]: (c, self.val({"image": c["image"], "label": c["label"]})) for c in self.pool}
-        cases = [self._pool_val[i] for i in ids]
-        return {c["id"]: c["mean"] for c in self.evaluate(network, cases)["cases"]}
+        return self.evaluate(network, [self._pool_val[i] for i in ids])["cases"]
+
+    def pool_dice(self, network: torch.nn.Module, ids: Sequence[str]) -> Dict[str, float]:
+        """Mean Dice of the pool cases ``ids`` against their ground truth (for the oracle strategies only)."""
+        return {c["id"]: c["mean"] for c in self.pool_cases(network, ids)}
 
     def evaluate(self, network: torch.nn.Module, cases: Optional[Sequence] = None) -> Dict[str, Any]:
-        """Held-out Dice per organ at the training spacing (organs absent from a case are not counted); ``cases``:
-        other (case, preprocessed data) pairs than the held-out ones."""
+        """Held-out Dice per organ at the training spacing (organs absent from a case are not counted) and the
+        :func:`fragmentation` of each case's prediction; ``cases``: other (case, preprocessed data) pairs than the
+        held-out ones."""
         network.eval()
         per_case = []
         with torch.inference_mode():
@@ -218,7 +224,14 @@ class Trainer:
                     p, r = pred == channel, ref == channel
                     if r.any():
                         dice[name] = 2.0 * float((p & r).sum()) / float(p.sum() + r.sum())
-                per_case.append({"id": case["id"], "rare": case["rare"], "mean": float(np.mean(list(dice.values())))})
+                per_case.append(
+                    {
+                        "id": case["id"],
+                        "rare": case["rare"],
+                        "mean": float(np.mean(list(dice.values()))),
+                        "fragmentation": round(fragmentation(pred, list(range(1, len(self.conf.labels) + 1))), 4),
+                    }
+                )
         return {
             "dice": float(np.mean([c["mean"] for c in per_case])),
             "dice_rare": float(np.mean([c["mean"] for c in per_case if c["rare"]] or [np.nan])),

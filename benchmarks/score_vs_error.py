@@ -4,21 +4,24 @@
 
 An uncertainty strategy can only save labels if its score points at the cases the model gets wrong. This measures
 that directly, on the pool of the active-learning study (``active_learning.py --pool 120 --rare native
---rare-every 10``): each seed starts from the study's warm start (same initial cases and steps), then labels random
-cases in rounds of ``--batch`` with ``--steps`` fine-tuning steps, as the study's random strategy does (with draws of
-its own, so not the same cases). At each of ``--labels`` it scores every pool case with the server's
-``SegmentationScorer`` and measures every unlabeled case's Dice against its ground truth, then reports per score:
+--rare-every 10``; ``--rare mirrored`` for its situs-inversus cohort): each seed starts from the study's warm start
+(same initial cases and steps), then labels random cases in rounds of ``--batch`` with ``--steps`` fine-tuning steps,
+as the study's random strategy does (with draws of its own, so not the same cases). At each of ``--labels`` it scores
+every pool case with the server's ``SegmentationScorer`` and measures every unlabeled case's Dice against its ground
+truth, then reports per score:
 
 - the rank correlation (Spearman) between the score and the case's Dice error (1 - mean Dice over organs);
 - the mean error of the ``--batch`` cases the score ranks first, relative to the pool's mean error (1: no better
   than random picks; the "oracle" row ranks by the error itself, the most any score could reach);
-- the AUC with which it tells the rare native-phase cases from the rest.
+- the AUC with which it tells the rare subgroup's cases from the rest.
 
 Scores: ``entropy``, ``mutual_information`` (``bald``), ``tta``, ``foreground_fraction``, the structure-wise
-``expected_dice_loss`` and ``sample_dice_loss``, and the distance to the
-nearest labeled case in the bottleneck embedding (``diversity``) and in the appearance features.
+``expected_dice_loss`` and ``sample_dice_loss``, the distance to the nearest labeled case in the bottleneck
+embedding (``diversity``) and in the appearance features, all from the server's scorer (at
+``--scoring-spacing-factor`` times the training spacing), and the ``fragmentation`` of the prediction at the
+training spacing.
 
-Writes ``score_vs_error.{json,md}`` to ``--out``.
+Writes ``score_vs_error.{json,md}`` to ``--out`` (``score_vs_error_<rare>`` for another subgroup than native phase).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Any, Dict, List, Sequence
 
 import numpy as np
 import torch
-from active_learning import Trainer, build_cohort, seed_training
+from active_learning import RARE, RARE_WORDS, Trainer, build_cohort, seed_training
 from classification import pair_auc
 from common import command, machine, write_results
 
@@ -45,7 +48,7 @@ from labelloop_app.synthetic import SEG_LABELS
 HERE = Path(__file__).resolve().parent
 STORED = ("entropy", "mutual_information", "tta", "foreground_fraction", "expected_dice_loss", "sample_dice_loss")
 DISTANCES = {"embedding_distance": "embedding", "appearance_distance": "appearance"}
-SCORES = (*STORED, *DISTANCES, "oracle")
+SCORES = (*STORED, *DISTANCES, "fragmentation", "oracle")
 
 
 def rank_correlation(a: Sequence[float], b: Sequence[float]) -> float:
@@ -61,7 +64,11 @@ def top_error_ratio(score: Sequence[float], error: Sequence[float], k: int) -> f
 
 
 def checkpoint_scores(
-    records: Dict[str, Dict[str, Any]], labeled: Sequence[str], unlabeled: Sequence[str], error: Dict[str, float]
+    records: Dict[str, Dict[str, Any]],
+    labeled: Sequence[str],
+    unlabeled: Sequence[str],
+    error: Dict[str, float],
+    fragments: Dict[str, float],
 ) -> Dict[str, List[float]]:
     """Every score of the unlabeled cases, in ``unlabeled``'s order."""
     scores = {key: [float(records[i][key]) for i in unlabeled] for key in STORED}
@@ -69,6 +76,7 @@ def checkpoint_scores(
         features = {i: np.asarray(r[key], dtype=np.float64) for i, r in records.items()}
         distance = centre_distances(unlabeled, labeled, features)
         scores[name] = [distance[i] for i in unlabeled]
+    scores["fragmentation"] = [fragments[i] for i in unlabeled]
     scores["oracle"] = [error[i] for i in unlabeled]
     return scores
 
@@ -104,21 +112,22 @@ def mean_dice(values: Sequence[float]) -> Any:
 
 def markdown(result: Dict[str, Any]) -> List[str]:
     rows = result["checkpoints"]
+    rare = RARE_WORDS[result["config"].get("rare", "native")]
     where = ", ".join(f"seed {r['seed']} at {r['labels']} labels" for r in rows)
     lines = [
         "# Which score points at the model's errors?",
         "",
         f"`{result['command']}` on {result['machine']}, {result['minutes']:.0f} min.",
         "",
-        f"Pool of {result['config']['pool']} ({result['config']['pool_rare']} native-phase cases); models trained on "
+        f"Pool of {result['config']['pool']} ({result['config']['pool_rare']} {rare}); models trained on "
         f"random labels as in the active-learning study; {len(rows)} checkpoints "
         f"({where}).",
         "",
         "| score | rank correlation with the Dice error (mean; per checkpoint) | error of the top "
-        f"{result['config']['batch']} / mean error | AUC native-phase vs rest |",
+        f"{result['config']['batch']} / mean error | AUC {rare} vs rest |",
         "|---|---|---|---|",
     ]
-    for name in SCORES:
+    for name in (n for n in SCORES if n in rows[0]["scores"]):  # studies recorded before a score lack it
         per = [r["scores"][name] for r in rows]
         rho = [p["spearman"] for p in per]
         lines.append(
@@ -127,7 +136,7 @@ def markdown(result: Dict[str, Any]) -> List[str]:
         )
     lines += [
         "",
-        "| seed | labels | pool Dice (unlabeled) | its native-phase cases | AUC of the error, native-phase vs rest |",
+        f"| seed | labels | pool Dice (unlabeled) | its {rare} | AUC of the error, {rare} vs rest |",
         "|---|---|---|---|---|",
     ]
     for r in rows:
@@ -143,7 +152,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--labels", default="2,6,12", help="numbers of labeled cases at which to measure")
     ap.add_argument("--pool", type=int, default=120)
-    ap.add_argument("--rare-every", type=int, default=10, help="every Nth pool case is native-phase")
+    ap.add_argument("--rare", choices=RARE, default="native", help="the subgroup, as in active_learning.py")
+    ap.add_argument("--rare-every", type=int, default=10, help="every Nth pool case is in the subgroup")
+    ap.add_argument("--scoring-spacing-factor", type=float, default=2.0, help="as --conf scoring_spacing_factor")
     ap.add_argument("--initial", type=int, default=2)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--warmup-steps", type=int, default=1200)
@@ -159,10 +170,10 @@ def main(argv=None) -> int:
     conf = SegmentationConf(
         labels=dict(SEG_LABELS), target_spacing=(6.0,) * 3, roi_size=(32, 32, 32), num_samples=2, sw_batch_size=2
     )
-    scorer = SegmentationScorer(conf, mc_samples=args.mc_samples)
+    scorer = SegmentationScorer(conf, mc_samples=args.mc_samples, spacing_factor=args.scoring_spacing_factor)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        pool = build_cohort(Path(tmp), "seg", args.pool, 0, "native", args.rare_every)
+        pool = build_cohort(Path(tmp), "seg", args.pool, 0, args.rare, args.rare_every)
         cases = {c["id"]: c for c in pool}
         rare = {i: c["rare"] for i, c in cases.items()}
         trainer = Trainer(conf, pool, [], Path(tmp), 1e-3)
@@ -176,11 +187,13 @@ def main(argv=None) -> int:
             seed_training(trainer, 1000 * seed + 17)
             while True:
                 if len(labeled) in checkpoints:
-                    dice = trainer.pool_dice(network, list(cases))
+                    evaluated = trainer.pool_cases(network, list(cases))
+                    dice = {c["id"]: c["mean"] for c in evaluated}
                     error = {i: 1.0 - d for i, d in dice.items()}
+                    fragments = {c["id"]: c["fragmentation"] for c in evaluated}
                     records = {i: scorer.score(network, images[i]) for i in cases}
                     unlabeled = [i for i in cases if i not in labeled]
-                    scores = checkpoint_scores(records, labeled, unlabeled, error)
+                    scores = checkpoint_scores(records, labeled, unlabeled, error, fragments)
                     row = {
                         "seed": seed,
                         "labels": len(labeled),
@@ -203,7 +216,8 @@ def main(argv=None) -> int:
         "config": {**{k: v for k, v in vars(args).items() if k != "out"}, "pool_rare": sum(rare.values())},
         "checkpoints": rows,
     }
-    write_results(args.out, "score_vs_error", result, markdown(result))
+    name = "score_vs_error" if args.rare == "native" else f"score_vs_error_{args.rare}"
+    write_results(args.out, name, result, markdown(result))
     return 0
 
 
