@@ -267,12 +267,13 @@ def test_score_against_error_measures_rank_agreement_and_the_error_a_score_picks
     assert got == {"spearman": 1.0, "top_error_ratio": 1.4, "auc_rare": 1.0}
 
 
-def test_the_recorded_score_study_report_is_what_its_json_renders_to():
+@pytest.mark.parametrize("name", ["score_vs_error", "score_vs_error_mirrored"])
+def test_the_recorded_score_study_report_is_what_its_json_renders_to(name):
     import json
 
     from score_vs_error import SCORES, markdown
 
-    recorded = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "score_vs_error.json"
+    recorded = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / f"{name}.json"
     result = json.loads(recorded.read_text())
     assert all(set(row["scores"]) <= set(SCORES) for row in result["checkpoints"])
     assert {"entropy", "oracle"} <= set(result["checkpoints"][0]["scores"])
