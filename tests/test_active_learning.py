@@ -21,7 +21,7 @@ from conftest import FAST_CONF, SMALL, datastore_json, start_server, stop_server
 from labelloop_app.activelearning.config import ActiveLearningConf
 from labelloop_app.activelearning.leases import LeaseBook
 from labelloop_app.activelearning.manager import ActiveLearning
-from labelloop_app.activelearning.segmentation import BottleneckEmbedding, appearance
+from labelloop_app.activelearning.segmentation import BottleneckEmbedding, appearance, layout
 from labelloop_app.activelearning.strategies import (
     DiversityStrategy,
     HybridStrategy,
@@ -167,6 +167,8 @@ def test_scoring_writes_scores_skips_scored_images_and_inference_stays_responsiv
             assert 0.0 <= rec[score] <= 1.0, score
         assert len(rec["embedding"]) == 384 and any(v != 0 for v in rec["embedding"])
         assert len(rec["appearance"]) == 3 * 4  # mean, spread and share of each of the 4 organs
+        assert len(rec["layout"]) == 4 * 4  # centre (3 fractions of the body's box) and share of each organ
+        assert all(-0.5 <= v <= 1.5 for v in rec["layout"])
         assert rec["seconds"] == result["per_image"][image_id] > 0
         assert rec["spacing"] == [6.0, 6.0, 8.0]  # twice the inference spacing
     assert len({rec["entropy"] for rec in stored.values()}) > 1
@@ -177,7 +179,7 @@ def test_scoring_writes_scores_skips_scored_images_and_inference_stays_responsiv
     assert all(after[i]["ts"] == stored[i]["ts"] for i in stored), "already scored images were scored again"
     labeled = set(after) - unlabeled_ids(al)
     assert len(labeled) == N_LABELED and all("entropy" not in after[i] and after[i]["embedding"] for i in labeled)
-    assert all(after[i]["appearance"] for i in labeled)  # the centres of diversity with appearance features
+    assert all(after[i]["appearance"] and after[i]["layout"] for i in labeled)  # centres of the other features
 
     third = al.post("/scoring/segmentation?run_sync=true").json()["result"]
     assert third["scored"] == 0 and third["skipped"] == N_LABELED + N_UNLABELED
@@ -405,10 +407,26 @@ def test_appearance_is_each_structures_weighted_intensity_spread_and_share():
     assert native[0] == pytest.approx(0.45)  # the same structures, darker: what sets a contrast phase apart
 
 
+def test_layout_is_each_structures_centre_in_the_bodys_box_and_its_share():
+    body = np.zeros((6, 4, 4), dtype=bool)
+    body[1:6] = True  # the box spans 4 steps along the first axis, 3 along the others
+    probabilities = np.zeros((4, 6, 4, 4), dtype=np.float32)
+    probabilities[1, 1:3, :2, :] = 1.0  # organ 1 on the first axis's low side
+    probabilities[2, 5, 3, 3] = 0.4
+    probabilities[2, 3, 3, 3] = 1.6  # weights, not counts: the centre is nearer the stronger voxel
+    out = layout(probabilities, body)
+    assert out[:4] == pytest.approx([0.125, 1 / 6, 0.5, 0.2], abs=1e-4)  # stored to 4 decimals
+    assert out[4:8] == pytest.approx([0.6, 1.0, 1.0, 0.025])
+    assert out[8:] == [0.5, 0.5, 0.5, 0.0]  # an organ the model does not find
+    mirrored = layout(probabilities[:, ::-1], body[::-1])
+    assert mirrored[0] == pytest.approx(1.0 - out[0])  # the same organs on the other side: what sets situs apart
+
+
 def test_diversity_features_are_chosen_by_conf_and_named_in_the_description():
     assert ActiveLearningConf.from_conf({}).diversity_features == "bottleneck"
     assert ActiveLearningConf.from_conf({"diversity_features": "Appearance"}).diversity_features == "appearance"
-    with pytest.raises(ConfError, match="diversity_features must be one of bottleneck, appearance"):
+    assert ActiveLearningConf.from_conf({"diversity_features": "layout"}).diversity_features == "layout"
+    with pytest.raises(ConfError, match="diversity_features must be one of bottleneck, appearance, layout"):
         ActiveLearningConf.from_conf({"diversity_features": "pixels"})
     # the two embeddings disagree: the bottleneck calls "b" the odd one, the appearance "a"
     records = {

@@ -18,6 +18,7 @@ class Features(NamedTuple):
 FEATURES = {
     "bottleneck": Features("embedding", "the network's bottleneck-embedding space"),
     "appearance": Features("appearance", "how its structures look"),
+    "layout": Features("layout", "where its structures lie"),
 }
 """``--conf diversity_features`` -> its space."""
 
@@ -48,7 +49,8 @@ class ActiveLearningConf:
     its own). ``auto_scoring``: score in the background after each training run and when a strategy is asked.
     ``diversity_features``: what ``diversity`` and ``hybrid`` measure distances in: ``bottleneck`` (the network's
     deepest features, averaged over space) or ``appearance`` (how each segmented structure looks: its intensity
-    under the model's prediction, and its size).
+    under the model's prediction, and its size) or ``layout`` (where each segmented structure lies in the body, and
+    its size).
     """
 
     lease_seconds: float = 1800.0

@@ -148,6 +148,31 @@ def appearance(image: np.ndarray, probabilities: np.ndarray, body: np.ndarray) -
     return out
 
 
+def layout(probabilities: np.ndarray, body: np.ndarray) -> List[float]:
+    """Where each structure lies in one scan: per foreground label, the centre of the model's probability of that
+    label as a fraction of the body's bounding box along each axis, and the label's share of the body.
+
+    The bottleneck embedding is averaged over space, so a scan with its organs on the other side (situs inversus)
+    or out of their usual order looks like any other; these features keep where each structure is. The axes are
+    those of the RAS-oriented scoring input, so the first is always left-right. A structure the model does not
+    find gets the box's centre and share 0. ``probabilities`` (labels, D, H, W), ``body`` a mask."""
+    points = np.argwhere(body)
+    low = points.min(axis=0) if len(points) else np.zeros(3)
+    extent = np.maximum(points.max(axis=0) - low, 1) if len(points) else np.array(body.shape, dtype=float)
+    grid = np.indices(body.shape, dtype=np.float64).reshape(3, -1)
+    volume = max(float(body.sum()), 1.0)
+    out: List[float] = []
+    for p in probabilities[1:]:
+        weights = p.reshape(-1).astype(np.float64)
+        mass = float(weights.sum())
+        if mass < 1.0:
+            out += [0.5, 0.5, 0.5, 0.0]
+            continue
+        centre = (grid @ weights) / mass
+        out += [round(float(v), 4) for v in (centre - low) / extent] + [round(mass / volume, 5)]
+    return out
+
+
 def window_size(shape: Sequence[int], roi: Sequence[int], multiple: int = 16) -> Tuple[int, ...]:
     """Sliding-window size for the downsampled image: the whole image when it is at most twice the training patch
     (overlapping windows would cost more than the padding), a multiple of 16 for the networks' downsamplings."""
@@ -174,6 +199,8 @@ class SegmentationScorer:
     - ``embedding``: the bottleneck features of the plain pass, averaged over space (for ``diversity``).
     - ``appearance``: how each structure looks in the scan, from the plain pass (:func:`appearance`; for
       ``diversity`` with ``--conf diversity_features appearance``).
+    - ``layout``: where each structure lies in the body, from the plain pass (:func:`layout`; for ``diversity``
+      with ``--conf diversity_features layout``).
 
     Images are resampled to ``spacing_factor`` times the inference spacing (2: eight times fewer voxels).
     """
@@ -264,7 +291,9 @@ class SegmentationScorer:
             record: Dict[str, Any] = {"embedding": embedding.vector()}
             normalised = image[0, 0].cpu().numpy()
             body = self.body_mask(normalised)
-            record["appearance"] = appearance(normalised, plain.cpu().numpy(), body)
+            probabilities = plain.cpu().numpy()
+            record["appearance"] = appearance(normalised, probabilities, body)
+            record["layout"] = layout(probabilities, body)
             if embedding_only:
                 record["network_calls"] = calls
                 return record
