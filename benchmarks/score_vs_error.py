@@ -17,7 +17,7 @@ truth, then reports per score:
 
 Scores: ``entropy``, ``mutual_information`` (``bald``), ``tta``, ``foreground_fraction``, the structure-wise
 ``expected_dice_loss`` and ``sample_dice_loss``, the distance to the nearest labeled case in the bottleneck
-embedding (``diversity``) and in the appearance features, all from the server's scorer (at
+embedding (``diversity``), in the appearance features and in the layout features, all from the server's scorer (at
 ``--scoring-spacing-factor`` times the training spacing), and the ``fragmentation`` of the prediction at the
 training spacing.
 
@@ -47,7 +47,7 @@ from labelloop_app.synthetic import SEG_LABELS
 
 HERE = Path(__file__).resolve().parent
 STORED = ("entropy", "mutual_information", "tta", "foreground_fraction", "expected_dice_loss", "sample_dice_loss")
-DISTANCES = {"embedding_distance": "embedding", "appearance_distance": "appearance"}
+DISTANCES = {"embedding_distance": "embedding", "appearance_distance": "appearance", "layout_distance": "layout"}
 SCORES = (*STORED, *DISTANCES, "fragmentation", "oracle")
 
 
