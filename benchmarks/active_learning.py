@@ -37,7 +37,8 @@ budget), the labels each strategy needs to reach random's final Dice say what it
 server, as it needed more labels than random. Two reference strategies see the pool's ground truth and are not
 offered by the server either: ``oracle_error`` labels the cases the current model segments worst (the most that any
 estimate of the model's error could save) and ``oracle_rare`` the rare subgroup first (the most that finding the
-subgroup could save).
+subgroup could save). ``diversity_appearance`` and ``diversity_layout`` are ``diversity`` with the server's
+``--conf diversity_features appearance`` or ``layout``, so that one study compares the feature spaces.
 
 ``--render benchmarks/results/<name>.json`` runs nothing: it re-writes a recorded study's summary, report and plot
 from its JSON, with the written notes kept in the JSON's ``notes``.
@@ -90,11 +91,21 @@ CLS_STRATEGIES = ("random", "cls_entropy", "cls_margin", "cls_least_confidence",
 ORACLES = ("oracle_error", "oracle_rare")
 """Reference strategies that see the pool's ground truth, not offered by the server: the worst-segmented cases first
 (the most any score of the model's error could do), and the rare subgroup first (the most finding it could do)."""
-STRATEGIES = (*(s for s in SEG_STRATEGIES if s not in ("bald", "dice")), *CLS_STRATEGIES[1:], "bald", "dice", *ORACLES)
+FEATURED = {f"diversity_{f}": f for f in FEATURES if f != "bottleneck"}
+"""``diversity`` in another feature space (the server's ``--conf diversity_features <f>``), so that one study can
+compare the spaces."""
+STRATEGIES = (
+    *(s for s in SEG_STRATEGIES if s not in ("bald", "dice")),
+    *CLS_STRATEGIES[1:],
+    "bald",
+    "dice",
+    *ORACLES,
+    *FEATURED,
+)
 """The index seeds each strategy's random stream (a strategy added later goes last, so that recorded streams stay)."""
 UNCERTAIN = ("entropy", "bald", "dice", "tta", "hybrid", *CLS_STRATEGIES[1:])
 """They need full scores of the unlabeled images."""
-EMBEDDED = ("diversity", "hybrid")  # they pick by distances in the embedding space
+EMBEDDED = ("diversity", "hybrid", *FEATURED)  # they pick by distances in an embedding space
 SCORE_KEY = {
     "entropy": "entropy",
     "bald": "mutual_information",
@@ -258,6 +269,8 @@ def make_strategy(
         return ScoreStrategy(name, name, name, "segmentation", *args, rng=rng)
     if name == "diversity":
         return DiversityStrategy(*args, features=features, rng=rng)
+    if name in FEATURED:
+        return DiversityStrategy(*args, features=FEATURED[name], rng=rng)
     if name == "hybrid":
         return HybridStrategy(*args, fraction=hybrid_pool, features=features, rng=rng)
     raise ValueError(name)
@@ -315,7 +328,7 @@ def run(
             state["records"] = oracle_records(strategy, network, trainer, cases, labeled, rng, state["version"])
         elif strategy != "random":
             for image_id in cases:
-                embedding_only = image_id in labeled or strategy == "diversity"
+                embedding_only = image_id in labeled or strategy == "diversity" or strategy in FEATURED
                 rec = scorer.score(network, images[image_id], embedding_only=embedding_only)
                 state["records"][image_id] = {**rec, "model_version": state["version"]}
         row["score_seconds"] = round(time.time() - t0, 1)
@@ -326,7 +339,7 @@ def run(
             if key != "entropy":
                 row[f"{key}_rare_vs_common"] = _separation(state["records"], cases, unlabeled, key)
         if strategy in EMBEDDED:
-            key = FEATURES[features].key
+            key = FEATURES[FEATURED.get(strategy, features)].key
             row["centre_distance_rare_vs_common"] = _embedding_separation(state["records"], cases, labeled, key)
         picks = []
         for j in range(min(args.batch, args.max_labels - len(labeled))):
@@ -738,7 +751,7 @@ def main(argv=None) -> int:
     if args.render:
         print(render_recorded(args.render, markdown, "held-out mean Dice"))
         return 0
-    strategies = parse_strategies(ap, args.strategies, (*SEG_STRATEGIES, *ORACLES))
+    strategies = parse_strategies(ap, args.strategies, (*SEG_STRATEGIES, *FEATURED, *ORACLES))
 
     torch.set_num_threads(args.threads)
     start = time.time()

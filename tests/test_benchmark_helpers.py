@@ -156,7 +156,7 @@ def test_a_study_repeats_exactly_with_the_same_seed(tmp_path):
 
     from active_learning import main
 
-    tiny = "--pool 6 --rare-every 3 --heldout 2 --seeds 1 --strategies random,entropy,diversity"
+    tiny = "--pool 6 --rare-every 3 --heldout 2 --seeds 1 --strategies random,entropy,diversity,diversity_layout"
     tiny += " --initial 2 --batch 2 --max-labels 4"
     runs = []
     for k in range(2):
@@ -172,6 +172,10 @@ def test_a_study_repeats_exactly_with_the_same_seed(tmp_path):
     summary = runs[0]["summary"]["strategies"]
     assert summary["diversity"]["centre_distance_auc_rare_vs_common"] == separation["auc_centre_distance_rare"]
     assert summary["random"]["centre_distance_auc_rare_vs_common"] is None
+    # diversity in the layout features (the server's --conf diversity_features layout) records its own distances
+    layout = runs[0]["runs"]["diversity_layout"]["0"][0]
+    assert 0.0 <= layout["centre_distance_rare_vs_common"]["auc_centre_distance_rare"] <= 1.0
+    assert layout["picked"] and all(p["score"] is not None for p in layout["picked"])
 
 
 def test_ideal_observer_detectability_scales_with_contrast_and_bounds_the_matched_filter():
