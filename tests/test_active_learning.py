@@ -104,6 +104,8 @@ def test_without_a_model_uncertainty_strategies_fall_back_to_random_and_say_so(a
     info = al.info()
     assert set(STRATEGIES) <= set(info["strategies"])
     assert "segmentation" in info["scoring"]
+    stored = info["scoring"]["segmentation"]["scores"]  # what the queue and the strategies can rank or measure by
+    assert {"entropy", "tta", "embedding", "appearance", "layout"} <= set(stored)
     unlabeled = unlabeled_ids(al)
     for strategy in UNCERTAINTY:
         answer = sample(al, strategy, client_id="alice")
@@ -428,20 +430,21 @@ def test_diversity_features_are_chosen_by_conf_and_named_in_the_description():
     assert ActiveLearningConf.from_conf({"diversity_features": "layout"}).diversity_features == "layout"
     with pytest.raises(ConfError, match="diversity_features must be one of bottleneck, appearance, layout"):
         ActiveLearningConf.from_conf({"diversity_features": "pixels"})
-    # the two embeddings disagree: the bottleneck calls "b" the odd one, the appearance "a"
+    # the three spaces disagree: the bottleneck calls "b" the odd one, the appearance "a", the layout "c"
     records = {
-        "l": {"embedding": [0.0, 0.0], "appearance": [0.0, 0.0]},
-        "a": {"embedding": [0.1, 0.0], "appearance": [9.0, 0.0]},
-        "b": {"embedding": [9.0, 0.0], "appearance": [0.1, 0.0]},
-        "c": {"embedding": [0.0, 0.1], "appearance": [0.0, 0.1]},
+        "l": {"embedding": [0.0, 0.0], "appearance": [0.0, 0.0], "layout": [0.2, 0.8]},
+        "a": {"embedding": [0.1, 0.0], "appearance": [9.0, 0.0], "layout": [0.2, 0.8]},
+        "b": {"embedding": [9.0, 0.0], "appearance": [0.1, 0.0], "layout": [0.25, 0.8]},
+        "c": {"embedding": [0.0, 0.1], "appearance": [0.0, 0.1], "layout": [0.8, 0.2]},  # organs on the other side
     }
     records = {i: {**r, "model_version": "v1"} for i, r in records.items()}
     pool = Pool(available=["a", "b", "c"], labeled=["l"], leased={}, records=records, model_version="v1")
     book = LeaseBook(60)
-    for features, first in (("bottleneck", "b"), ("appearance", "a")):
+    for features, first in (("bottleneck", "b"), ("appearance", "a"), ("layout", "c")):
         strategy = DiversityStrategy(book, lambda *a: pool, features=features)
         assert strategy.order(pool, 1)[0][0].image_id == first
         assert ("how its structures look" in strategy.description) == (features == "appearance")
+        assert ("where its structures lie" in strategy.description) == (features == "layout")
         hybrid = HybridStrategy(book, lambda *a: pool, fraction=1.0, features=features)
         entropies = {i: {**records[i], "entropy": 0.5} for i in records}
         scored = Pool(available=["a", "b", "c"], labeled=["l"], leased={}, records=entropies, model_version="v1")

@@ -29,6 +29,7 @@ from monai.transforms import (
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
+from labelloop_app.activelearning.config import FEATURES
 from labelloop_app.activelearning.records import read_records, store_record
 from labelloop_app.conf import SegmentationConf
 from labelloop_app.networks import segmentation_network
@@ -344,7 +345,7 @@ class SegmentationScorer:
 
 class SegmentationScoring(ScoringMethod):
     """Scores every image that lacks scores from the current model: full scores for unlabeled images, the
-    embedding alone for labeled ones (they are the centres ``diversity`` measures distance from).
+    feature vectors alone for labeled ones (they are the centres ``diversity`` measures distance from).
 
     At most ``max_images`` images per run; unscored images first, then those scored by an older model. Each
     record carries the model version, the seconds it took and when it was made; the run result has the totals.
@@ -361,8 +362,8 @@ class SegmentationScoring(ScoringMethod):
         stop: Optional[threading.Event] = None,
     ):
         super().__init__(
-            "MC-dropout entropy, test-time-augmentation disagreement and bottleneck embedding of each image, "
-            "for the entropy, bald, tta, diversity and hybrid strategies"
+            "MC-dropout entropy, test-time-augmentation disagreement and the bottleneck, appearance and layout "
+            "features of each image, for the entropy, bald, tta, diversity and hybrid strategies"
         )
         self.scorer = scorer
         self.model_path = model_path
@@ -386,7 +387,7 @@ class SegmentationScoring(ScoringMethod):
         info.update(
             {
                 "task": TASK,
-                "scores": [*SCORES, "embedding"],
+                "scores": [*SCORES, *(f.key for f in FEATURES.values())],
                 "max_images": self.max_images,
                 "spacing": list(self.scorer.spacing),
                 "mc_samples": self.scorer.mc_samples,
