@@ -48,7 +48,7 @@ class ActiveLearningConf:
     picks the most different one. ``scoring_threads``: torch CPU threads of the scoring thread (inference keeps
     its own). ``auto_scoring``: score in the background after each training run and when a strategy is asked.
     ``diversity_features``: what ``diversity`` and ``hybrid`` measure distances in: ``bottleneck`` (the network's
-    deepest features, averaged over space) or ``appearance`` (how each segmented structure looks: its intensity
+    deepest features, averaged over space), ``appearance`` (how each segmented structure looks: its intensity
     under the model's prediction, and its size) or ``layout`` (where each segmented structure lies in the body, and
     its size).
     """

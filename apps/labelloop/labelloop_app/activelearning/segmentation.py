@@ -160,17 +160,17 @@ def layout(probabilities: np.ndarray, body: np.ndarray) -> List[float]:
     points = np.argwhere(body)
     low = points.min(axis=0) if len(points) else np.zeros(3)
     extent = np.maximum(points.max(axis=0) - low, 1) if len(points) else np.array(body.shape, dtype=float)
-    grid = np.indices(body.shape, dtype=np.float64).reshape(3, -1)
     volume = max(float(body.sum()), 1.0)
     out: List[float] = []
     for p in probabilities[1:]:
-        weights = p.reshape(-1).astype(np.float64)
-        mass = float(weights.sum())
+        p = np.asarray(p, dtype=np.float64)
+        mass = float(p.sum())
         if mass < 1.0:
             out += [0.5, 0.5, 0.5, 0.0]
             continue
-        centre = (grid @ weights) / mass
-        out += [round(float(v), 4) for v in (centre - low) / extent] + [round(mass / volume, 5)]
+        # the centre along each axis from the marginal sums: no grid of coordinates as large as the image
+        centre = [p.sum(axis=tuple(a for a in range(3) if a != axis)) @ np.arange(p.shape[axis]) for axis in range(3)]
+        out += [round(float(v), 4) for v in (np.asarray(centre) / mass - low) / extent] + [round(mass / volume, 5)]
     return out
 
 
