@@ -17,9 +17,9 @@ truth, then reports per score:
 
 Scores: ``entropy``, ``mutual_information`` (``bald``), ``tta``, ``foreground_fraction``, the structure-wise
 ``expected_dice_loss`` and ``sample_dice_loss``, the distance to the nearest labeled case in the bottleneck
-embedding (``diversity``), in the appearance features and in the layout features, all from the server's scorer (at
-``--scoring-spacing-factor`` times the training spacing), and the ``fragmentation`` of the prediction at the
-training spacing.
+embedding (``diversity``), in the appearance features, in the layout features and in both joined, all from the
+server's scorer (at ``--scoring-spacing-factor`` times the training spacing), and the ``fragmentation`` of the
+prediction at the training spacing.
 
 Writes ``score_vs_error.{json,md}`` to ``--out`` (``score_vs_error_<rare>`` for another subgroup than native phase).
 """
@@ -47,7 +47,13 @@ from labelloop_app.synthetic import SEG_LABELS
 
 HERE = Path(__file__).resolve().parent
 STORED = ("entropy", "mutual_information", "tta", "foreground_fraction", "expected_dice_loss", "sample_dice_loss")
-DISTANCES = {"embedding_distance": "embedding", "appearance_distance": "appearance", "layout_distance": "layout"}
+DISTANCES = {
+    "embedding_distance": ("embedding",),
+    "appearance_distance": ("appearance",),
+    "layout_distance": ("layout",),
+    "appearance_layout_distance": ("appearance", "layout"),
+}
+"""Distance scores -> the feature vectors they join (a space that sees both how structures look and where they lie)."""
 SCORES = (*STORED, *DISTANCES, "fragmentation", "oracle")
 
 
@@ -72,8 +78,8 @@ def checkpoint_scores(
 ) -> Dict[str, List[float]]:
     """Every score of the unlabeled cases, in ``unlabeled``'s order."""
     scores = {key: [float(records[i][key]) for i in unlabeled] for key in STORED}
-    for name, key in DISTANCES.items():
-        features = {i: np.asarray(r[key], dtype=np.float64) for i, r in records.items()}
+    for name, keys in DISTANCES.items():
+        features = {i: np.concatenate([np.asarray(r[k], dtype=np.float64) for k in keys]) for i, r in records.items()}
         distance = centre_distances(unlabeled, labeled, features)
         scores[name] = [distance[i] for i in unlabeled]
     scores["fragmentation"] = [fragments[i] for i in unlabeled]
