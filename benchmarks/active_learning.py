@@ -105,7 +105,8 @@ STRATEGIES = (
 """The index seeds each strategy's random stream (a strategy added later goes last, so that recorded streams stay)."""
 UNCERTAIN = ("entropy", "bald", "dice", "tta", "hybrid", *CLS_STRATEGIES[1:])
 """They need full scores of the unlabeled images."""
-EMBEDDED = ("diversity", "hybrid", *FEATURED)  # they pick by distances in an embedding space
+DIVERSE = ("diversity", *FEATURED)  # core-set alone: feature vectors are all they need
+EMBEDDED = (*DIVERSE, "hybrid")  # they pick by distances in an embedding space
 SCORE_KEY = {
     "entropy": "entropy",
     "bald": "mutual_information",
@@ -267,10 +268,8 @@ def make_strategy(
         return ScoreStrategy(name, name, name[len("cls_") :], "classification", *args, rng=rng)
     if name in ORACLES:
         return ScoreStrategy(name, name, name, "segmentation", *args, rng=rng)
-    if name == "diversity":
-        return DiversityStrategy(*args, features=features, rng=rng)
-    if name in FEATURED:
-        return DiversityStrategy(*args, features=FEATURED[name], rng=rng)
+    if name in DIVERSE:
+        return DiversityStrategy(*args, features=FEATURED.get(name, features), rng=rng)
     if name == "hybrid":
         return HybridStrategy(*args, fraction=hybrid_pool, features=features, rng=rng)
     raise ValueError(name)
@@ -328,7 +327,7 @@ def run(
             state["records"] = oracle_records(strategy, network, trainer, cases, labeled, rng, state["version"])
         elif strategy != "random":
             for image_id in cases:
-                embedding_only = image_id in labeled or strategy == "diversity" or strategy in FEATURED
+                embedding_only = image_id in labeled or strategy in DIVERSE
                 rec = scorer.score(network, images[image_id], embedding_only=embedding_only)
                 state["records"][image_id] = {**rec, "model_version": state["version"]}
         row["score_seconds"] = round(time.time() - t0, 1)
