@@ -77,6 +77,7 @@ from labelloop_app.activelearning.strategies import (
     RandomStrategy,
     ScoreStrategy,
     centre_distances,
+    feature_vectors,
 )
 from labelloop_app.conf import SegmentationConf
 from labelloop_app.networks import segmentation_network
@@ -338,8 +339,8 @@ def run(
             if key != "entropy":
                 row[f"{key}_rare_vs_common"] = _separation(state["records"], cases, unlabeled, key)
         if strategy in EMBEDDED:
-            key = FEATURES[FEATURED.get(strategy, features)].key
-            row["centre_distance_rare_vs_common"] = _embedding_separation(state["records"], cases, labeled, key)
+            keys = FEATURES[FEATURED.get(strategy, features)].keys
+            row["centre_distance_rare_vs_common"] = _embedding_separation(state["records"], cases, labeled, keys)
         picks = []
         for j in range(min(args.batch, args.max_labels - len(labeled))):
             answer = chooser({"client_id": f"oracle{j}"}, None)
@@ -404,11 +405,11 @@ def _separation(
 
 
 def _embedding_separation(
-    records: Dict[str, Dict], cases: Dict[str, Dict], labeled: Sequence[str], key: str = "embedding"
+    records: Dict[str, Dict], cases: Dict[str, Dict], labeled: Sequence[str], keys: Sequence[str] = ("embedding",)
 ) -> Dict[str, Any]:
-    """How well the distance to the nearest labeled case in the embedding space ``key`` (what k-center greedy
-    picks by) tells the rare subgroup from the rest among the unlabeled images (AUC)."""
-    emb = {i: np.asarray(r[key], dtype=np.float64) for i, r in records.items() if r.get(key)}
+    """How well the distance to the nearest labeled case in the space of the feature vectors ``keys`` (what
+    k-center greedy picks by) tells the rare subgroup from the rest among the unlabeled images (AUC)."""
+    emb = feature_vectors(records, keys)
     unlabeled = [i for i in cases if i not in labeled and i in emb]
     distances = centre_distances(unlabeled, [i for i in labeled if i in emb], emb)
     return _separation({i: {"centre_distance": d} for i, d in distances.items()}, cases, unlabeled, "centre_distance")

@@ -40,20 +40,16 @@ from active_learning import RARE, RARE_WORDS, Trainer, build_cohort, seed_traini
 from classification import pair_auc
 from common import command, machine, write_results
 
+from labelloop_app.activelearning.config import FEATURES
 from labelloop_app.activelearning.segmentation import SegmentationScorer
-from labelloop_app.activelearning.strategies import centre_distances
+from labelloop_app.activelearning.strategies import centre_distances, feature_vectors
 from labelloop_app.conf import SegmentationConf
 from labelloop_app.synthetic import SEG_LABELS
 
 HERE = Path(__file__).resolve().parent
 STORED = ("entropy", "mutual_information", "tta", "foreground_fraction", "expected_dice_loss", "sample_dice_loss")
-DISTANCES = {
-    "embedding_distance": ("embedding",),
-    "appearance_distance": ("appearance",),
-    "layout_distance": ("layout",),
-    "appearance_layout_distance": ("appearance", "layout"),
-}
-"""Distance scores -> the feature vectors they join (a space that sees both how structures look and where they lie)."""
+DISTANCES = {f"{'embedding' if name == 'bottleneck' else name}_distance": f.keys for name, f in FEATURES.items()}
+"""Distance scores, in each of the server's ``--conf diversity_features`` spaces -> the feature vectors it joins."""
 SCORES = (*STORED, *DISTANCES, "fragmentation", "oracle")
 
 
@@ -79,8 +75,7 @@ def checkpoint_scores(
     """Every score of the unlabeled cases, in ``unlabeled``'s order."""
     scores = {key: [float(records[i][key]) for i in unlabeled] for key in STORED}
     for name, keys in DISTANCES.items():
-        features = {i: np.concatenate([np.asarray(r[k], dtype=np.float64) for k in keys]) for i, r in records.items()}
-        distance = centre_distances(unlabeled, labeled, features)
+        distance = centre_distances(unlabeled, labeled, feature_vectors(records, keys))
         scores[name] = [distance[i] for i in unlabeled]
     scores["fragmentation"] = [fragments[i] for i in unlabeled]
     scores["oracle"] = [error[i] for i in unlabeled]

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import FAST_CONF, SMALL, datastore_json, start_server, stop_server, write_case
-from labelloop_app.activelearning.config import ActiveLearningConf
+from labelloop_app.activelearning.config import FEATURES, ActiveLearningConf
 from labelloop_app.activelearning.leases import LeaseBook
 from labelloop_app.activelearning.manager import ActiveLearning
 from labelloop_app.activelearning.segmentation import BottleneckEmbedding, appearance, layout
@@ -27,6 +27,7 @@ from labelloop_app.activelearning.strategies import (
     HybridStrategy,
     Pool,
     centre_distances,
+    feature_vectors,
     kcenter_greedy,
 )
 from labelloop_app.class_labels import ClassLabelCheck
@@ -428,27 +429,40 @@ def test_diversity_features_are_chosen_by_conf_and_named_in_the_description():
     assert ActiveLearningConf.from_conf({}).diversity_features == "bottleneck"
     assert ActiveLearningConf.from_conf({"diversity_features": "Appearance"}).diversity_features == "appearance"
     assert ActiveLearningConf.from_conf({"diversity_features": "layout"}).diversity_features == "layout"
-    with pytest.raises(ConfError, match="diversity_features must be one of bottleneck, appearance, layout"):
+    assert ActiveLearningConf.from_conf({"diversity_features": "appearance_layout"}).diversity_features == (
+        "appearance_layout"
+    )
+    with pytest.raises(
+        ConfError, match="diversity_features must be one of bottleneck, appearance, layout, appearance_layout"
+    ):
         ActiveLearningConf.from_conf({"diversity_features": "pixels"})
-    # the three spaces disagree: the bottleneck calls "b" the odd one, the appearance "a", the layout "c"
+    # the spaces disagree: the bottleneck calls "b" the odd one, the appearance "a", the layout "c"; joined, the
+    # appearance and layout see "d", a little odd in both, as the oddest
     records = {
         "l": {"embedding": [0.0, 0.0], "appearance": [0.0, 0.0], "layout": [0.2, 0.8]},
         "a": {"embedding": [0.1, 0.0], "appearance": [9.0, 0.0], "layout": [0.2, 0.8]},
         "b": {"embedding": [9.0, 0.0], "appearance": [0.1, 0.0], "layout": [0.25, 0.8]},
-        "c": {"embedding": [0.0, 0.1], "appearance": [0.0, 0.1], "layout": [0.8, 0.2]},  # organs on the other side
+        "c": {"embedding": [0.0, 0.1], "appearance": [0.0, 0.0], "layout": [0.8, 0.8]},  # organs on the other side
+        "d": {"embedding": [0.1, 0.1], "appearance": [7.0, 0.0], "layout": [0.7, 0.8]},
     }
     records = {i: {**r, "model_version": "v1"} for i, r in records.items()}
-    pool = Pool(available=["a", "b", "c"], labeled=["l"], leased={}, records=records, model_version="v1")
+    available = ["a", "b", "c", "d"]
+    pool = Pool(available=available, labeled=["l"], leased={}, records=records, model_version="v1")
     book = LeaseBook(60)
-    for features, first in (("bottleneck", "b"), ("appearance", "a"), ("layout", "c")):
+    spaces = (("bottleneck", "b"), ("appearance", "a"), ("layout", "c"), ("appearance_layout", "d"))
+    assert {f for f, _ in spaces} == set(FEATURES)
+    for features, first in spaces:
         strategy = DiversityStrategy(book, lambda *a: pool, features=features)
         assert strategy.order(pool, 1)[0][0].image_id == first
-        assert ("how its structures look" in strategy.description) == (features == "appearance")
-        assert ("where its structures lie" in strategy.description) == (features == "layout")
+        assert FEATURES[features].words in strategy.description
         hybrid = HybridStrategy(book, lambda *a: pool, fraction=1.0, features=features)
         entropies = {i: {**records[i], "entropy": 0.5} for i in records}
-        scored = Pool(available=["a", "b", "c"], labeled=["l"], leased={}, records=entropies, model_version="v1")
+        scored = Pool(available=available, labeled=["l"], leased={}, records=entropies, model_version="v1")
         assert hybrid.order(scored, 1)[0][0].image_id == first
+    # a record without one of the joined vectors is left out of the joined space, not compared on half of it
+    partial = {**records, "e": {"appearance": [50.0, 0.0], "model_version": "v1"}}
+    assert set(feature_vectors(partial, ("appearance", "layout"))) == set(records)
+    assert feature_vectors(partial, ("appearance", "layout"))["d"].tolist() == [7.0, 0.0, 0.7, 0.8]
 
 
 def test_centre_distances_are_what_the_first_kcenter_pick_maximises():

@@ -3,24 +3,28 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple
+from typing import Mapping, NamedTuple, Tuple
 
 from labelloop_app.conf import ConfError, parse_bool
 
 
 class Features(NamedTuple):
-    """A space ``diversity`` and ``hybrid`` measure distances in: the scores' record key, and its name in words."""
+    """A space ``diversity`` and ``hybrid`` measure distances in: the scores' record keys whose vectors it joins,
+    and its name in words."""
 
-    key: str
+    keys: Tuple[str, ...]
     words: str
 
 
 FEATURES = {
-    "bottleneck": Features("embedding", "the network's bottleneck-embedding space"),
-    "appearance": Features("appearance", "how its structures look"),
-    "layout": Features("layout", "where its structures lie"),
+    "bottleneck": Features(("embedding",), "the network's bottleneck-embedding space"),
+    "appearance": Features(("appearance",), "how its structures look"),
+    "layout": Features(("layout",), "where its structures lie"),
+    "appearance_layout": Features(("appearance", "layout"), "how its structures look and where they lie"),
 }
 """``--conf diversity_features`` -> its space."""
+FEATURE_KEYS = tuple(dict.fromkeys(k for f in FEATURES.values() for k in f.keys))
+"""The record keys of the feature vectors the scorer stores."""
 
 
 def _number(conf: Mapping[str, str], key: str, default: float, kind: type, low: float) -> float:
@@ -49,8 +53,8 @@ class ActiveLearningConf:
     its own). ``auto_scoring``: score in the background after each training run and when a strategy is asked.
     ``diversity_features``: what ``diversity`` and ``hybrid`` measure distances in: ``bottleneck`` (the network's
     deepest features, averaged over space), ``appearance`` (how each segmented structure looks: its intensity
-    under the model's prediction, and its size) or ``layout`` (where each segmented structure lies in the body, and
-    its size).
+    under the model's prediction, and its size), ``layout`` (where each segmented structure lies in the body, and
+    its size) or ``appearance_layout`` (both joined: for a cohort whose odd cases may differ in either).
     """
 
     lease_seconds: float = 1800.0

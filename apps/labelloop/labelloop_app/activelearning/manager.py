@@ -14,7 +14,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 
 from labelloop_app.activelearning.background import BackgroundScoring
 from labelloop_app.activelearning.classification import FINDING, ClassificationScoring
-from labelloop_app.activelearning.config import FEATURES, ActiveLearningConf
+from labelloop_app.activelearning.config import FEATURE_KEYS, ActiveLearningConf
 from labelloop_app.activelearning.leases import Lease, LeaseBook
 from labelloop_app.activelearning.records import read_records
 from labelloop_app.activelearning.segmentation import SegmentationScorer, SegmentationScoring
@@ -222,7 +222,7 @@ class ActiveLearning:
             pool = self.pool(datastore, s.task, leases)
         picks, reason = s.order(pool, k)
 
-        hidden = {f.key for f in FEATURES.values()}  # feature vectors: long, and meaningless to read
+        hidden = set(FEATURE_KEYS)  # feature vectors: long, and meaningless to read
 
         def scores(image_id: str) -> Dict[str, Any]:
             record = pool.records.get(image_id) or {}

@@ -29,7 +29,7 @@ from monai.transforms import (
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
-from labelloop_app.activelearning.config import FEATURES
+from labelloop_app.activelearning.config import FEATURE_KEYS
 from labelloop_app.activelearning.records import read_records, store_record
 from labelloop_app.conf import SegmentationConf
 from labelloop_app.networks import segmentation_network
@@ -387,7 +387,7 @@ class SegmentationScoring(ScoringMethod):
         info.update(
             {
                 "task": TASK,
-                "scores": [*SCORES, *(f.key for f in FEATURES.values())],
+                "scores": [*SCORES, *FEATURE_KEYS],
                 "max_images": self.max_images,
                 "spacing": list(self.scorer.spacing),
                 "mc_samples": self.scorer.mc_samples,

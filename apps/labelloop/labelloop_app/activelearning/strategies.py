@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from monailabel.interfaces.datastore import Datastore
@@ -80,17 +80,26 @@ def score_order(pool: Pool, key: str, task: str, rng: Optional[random.Random] = 
     return picks + [Pick(i, None, key, None, {"unscored": True}) for i in rest], None
 
 
-def embedding_version(pool: Pool, key: str = "embedding") -> Optional[str]:
-    """Model version whose embeddings (``key`` of the records) cover the most images (the current model wins
-    ties): distances are only meaningful between embeddings of the same network."""
+def embedding_version(pool: Pool, keys: Sequence[str] = ("embedding",)) -> Optional[str]:
+    """Model version whose feature vectors (``keys`` of the records) cover the most images (the current model wins
+    ties): distances are only meaningful between features of the same network."""
     counts: Dict[str, int] = {}
     for record in pool.records.values():
-        if record.get(key):
+        if all(record.get(k) for k in keys):
             v = record.get("model_version") or ""
             counts[v] = counts.get(v, 0) + 1
     if not counts:
         return None
     return max(counts, key=lambda v: (counts[v], v == pool.model_version))
+
+
+def feature_vectors(records: Mapping[str, Mapping[str, Any]], keys: Sequence[str]) -> Dict[str, np.ndarray]:
+    """Each record's feature vectors ``keys`` joined into one; records that lack any of them are left out."""
+    return {
+        i: np.concatenate([np.asarray(r[k], dtype=np.float64) for k in keys])
+        for i, r in records.items()
+        if all(r.get(k) for k in keys)
+    }
 
 
 def kcenter_greedy(
@@ -144,21 +153,19 @@ def centre_distances(
     return {i: float(d) for i, d in zip(candidates, nearest)}
 
 
-def _embeddings(pool: Pool, key: str) -> Tuple[Optional[str], Dict[str, np.ndarray]]:
-    """The model version the embeddings ``key`` are compared under, and the embeddings of that version."""
-    version = embedding_version(pool, key)
-    return version, {
-        i: np.asarray(r[key], dtype=np.float64)
-        for i, r in pool.records.items()
-        if r.get(key) and (r.get("model_version") or "") == version
-    }
+def _embeddings(pool: Pool, keys: Sequence[str]) -> Tuple[Optional[str], Dict[str, np.ndarray]]:
+    """The model version the feature vectors ``keys`` are compared under, and the joined vectors of that version."""
+    version = embedding_version(pool, keys)
+    same = {i: r for i, r in pool.records.items() if (r.get("model_version") or "") == version}
+    return version, feature_vectors(same, keys)
 
 
 def diversity_order(
-    pool: Pool, k: int, task: str, rng: Optional[random.Random] = None, key: str = "embedding"
+    pool: Pool, k: int, task: str, rng: Optional[random.Random] = None, keys: Sequence[str] = ("embedding",)
 ) -> Order:
-    """k-center greedy in the embedding space ``key``; labeled and leased images are the centres."""
-    version, emb = _embeddings(pool, key)
+    """k-center greedy in the space of the feature vectors ``keys`` joined; labeled and leased images are the
+    centres."""
+    version, emb = _embeddings(pool, keys)
     cands = [i for i in pool.available if i in emb]
     if not pool.model_version or not cands:
         return random_order(pool, rng), no_scores_reason(pool, task, "embeddings")
@@ -169,12 +176,17 @@ def diversity_order(
 
 
 def hybrid_order(
-    pool: Pool, k: int, task: str, fraction: float, rng: Optional[random.Random] = None, key: str = "embedding"
+    pool: Pool,
+    k: int,
+    task: str,
+    fraction: float,
+    rng: Optional[random.Random] = None,
+    keys: Sequence[str] = ("embedding",),
 ) -> Order:
     """Uncertainty x diversity: the ``fraction`` most uncertain images (MC-dropout entropy) form the pool, and
     k-center greedy picks among them the one least like anything labeled or leased. The uncertainty filter finds
     the hard cases; the k-center step keeps a batch from being several copies of the same hard case."""
-    version, emb = _embeddings(pool, key)
+    version, emb = _embeddings(pool, keys)
     scored = [i for i in pool.available if pool.records.get(i, {}).get("entropy") is not None and i in emb]
     if not pool.model_version or not scored:
         return random_order(pool, rng), no_scores_reason(pool, task, "entropy scores and embeddings")
@@ -299,10 +311,10 @@ class DiversityStrategy(LeasingStrategy):
             *args,
             **kwargs,
         )
-        self.key = FEATURES[features].key
+        self.keys = FEATURES[features].keys
 
     def order(self, pool: Pool, k: int) -> Order:
-        return diversity_order(pool, k, self.task, self.rng, self.key)
+        return diversity_order(pool, k, self.task, self.rng, self.keys)
 
 
 class HybridStrategy(LeasingStrategy):
@@ -315,7 +327,7 @@ class HybridStrategy(LeasingStrategy):
             **kwargs,
         )
         self.fraction = fraction
-        self.key = FEATURES[features].key
+        self.keys = FEATURES[features].keys
 
     def order(self, pool: Pool, k: int) -> Order:
-        return hybrid_order(pool, k, self.task, self.fraction, self.rng, self.key)
+        return hybrid_order(pool, k, self.task, self.fraction, self.rng, self.keys)
