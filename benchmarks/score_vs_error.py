@@ -48,7 +48,7 @@ from labelloop_app.synthetic import SEG_LABELS
 
 HERE = Path(__file__).resolve().parent
 STORED = ("entropy", "mutual_information", "tta", "foreground_fraction", "expected_dice_loss", "sample_dice_loss")
-DISTANCES = {f"{'embedding' if name == 'bottleneck' else name}_distance": f.keys for name, f in FEATURES.items()}
+DISTANCES = {f"{'_'.join(f.keys)}_distance": f.keys for f in FEATURES.values()}
 """Distance scores, in each of the server's ``--conf diversity_features`` spaces -> the feature vectors it joins."""
 SCORES = (*STORED, *DISTANCES, "fragmentation", "oracle")
 
