@@ -36,15 +36,13 @@ from typing import Any, Dict, List, Sequence
 
 import numpy as np
 import torch
-from active_learning import RARE, RARE_WORDS, Trainer, build_cohort, seed_training
+from active_learning import RARE, RARE_WORDS, Trainer, build_cohort, seed_training, study_conf
 from classification import pair_auc
 from common import command, machine, write_results
 
 from labelloop_app.activelearning.config import FEATURES
 from labelloop_app.activelearning.segmentation import SegmentationScorer
 from labelloop_app.activelearning.strategies import centre_distances, feature_vectors
-from labelloop_app.conf import SegmentationConf
-from labelloop_app.synthetic import SEG_LABELS
 
 HERE = Path(__file__).resolve().parent
 STORED = ("entropy", "mutual_information", "tta", "foreground_fraction", "expected_dice_loss", "sample_dice_loss")
@@ -168,9 +166,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     start = time.time()
-    conf = SegmentationConf(
-        labels=dict(SEG_LABELS), target_spacing=(6.0,) * 3, roi_size=(32, 32, 32), num_samples=2, sw_batch_size=2
-    )
+    conf = study_conf()
     scorer = SegmentationScorer(conf, mc_samples=args.mc_samples, spacing_factor=args.scoring_spacing_factor)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
