@@ -126,7 +126,11 @@ RARE = ("hard", "native", "mirrored")
 RARE_WORDS = {"hard": "hard cases", "native": "native-phase cases", "mirrored": "situs-inversus cases"}
 
 
-def study_conf(spacing: float = 6.0, roi: Sequence[int] = (32, 32, 32)) -> SegmentationConf:
+STUDY_SPACING = 6.0
+STUDY_ROI = (32, 32, 32)
+
+
+def study_conf(spacing: float = STUDY_SPACING, roi: Sequence[int] = STUDY_ROI) -> SegmentationConf:
     """The segmentation task's settings in the simulated studies and ``score_vs_error.py``: the sample data's labels
     at a coarse spacing, so that a round of 400 fine-tuning steps and scoring takes about 25 s on 2 CPU cores."""
     return SegmentationConf(
@@ -752,8 +756,8 @@ def main(argv=None) -> int:
         help="every Nth pool case is in the subgroup (default 4, as hard cases in the sample data)",
     )
     ap.add_argument("--heldout-rare-every", type=int, default=4, help="the same for the held-out cases")
-    ap.add_argument("--spacing", type=float, default=6.0, help="training spacing in mm (isotropic)")
-    ap.add_argument("--roi", default="32,32,32")
+    ap.add_argument("--spacing", type=float, default=STUDY_SPACING, help="training spacing in mm (isotropic)")
+    ap.add_argument("--roi", default=",".join(map(str, STUDY_ROI)))
     ap.add_argument("--mc-samples", type=int, default=8)
     ap.add_argument("--scoring-spacing-factor", type=float, default=2.0, help="as --conf scoring_spacing_factor")
     ap.add_argument("--hybrid-pool", type=float, default=0.5)
