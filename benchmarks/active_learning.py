@@ -130,6 +130,9 @@ STUDY_SPACING = 6.0
 STUDY_ROI = (32, 32, 32)
 
 
+UNRECORDED = ("out", "resume", "render", "other_machine")  # options that do not change what a study computes
+
+
 def study_conf(spacing: float = STUDY_SPACING, roi: Sequence[int] = STUDY_ROI) -> SegmentationConf:
     """The segmentation task's settings in the simulated studies and ``score_vs_error.py``: the sample data's labels
     at a coarse spacing, so that a round of 400 fine-tuning steps and scoring takes about 25 s on 2 CPU cores."""
@@ -438,6 +441,33 @@ def seed_training(trainer, seed: int) -> None:
     trainer.train_ds.transform.set_random_state(seed=seed)
 
 
+def warm_start(trainer, seed: int, first: Sequence[str], steps: int) -> torch.nn.Module:
+    """The seed's warm start: a new network trained ``steps`` steps on ``first`` with the seed's training noise."""
+    seed_training(trainer, seed)
+    warm = trainer.new_network()
+    trainer.train(warm, first, steps, random.Random(seed))
+    return warm
+
+
+def check_reproduction(
+    seed: int, retrained: float, recorded: float, metric: str, args: argparse.Namespace, checks: List[Dict]
+) -> None:
+    """Append to ``checks`` (the study's ``reproduction`` record) whether a resumed seed's retrained warm start gives
+    the recorded round-0 ``metric``. Training is deterministic on one machine but not across machines (runs differ
+    by a few hundredths of Dice per round), so a mismatch stops the study before anything is written, unless
+    ``--other-machine`` accepts the mix, which is then recorded."""
+    same = abs(retrained - recorded) < 1e-9
+    checks.append({"seed": seed, "metric": metric, "recorded": recorded, "retrained": retrained, "reproduces": same})
+    verdict = "reproduces" if same else "DIFFERS FROM"
+    print(f"seed {seed}: the retrained warm start's {metric} {retrained:.6f} {verdict} the recorded {recorded:.6f}")
+    if not same and not getattr(args, "other_machine", False):
+        raise SystemExit(
+            f"--resume: seed {seed}'s warm start, retrained here, gives {metric} {retrained:.6f} where the recorded "
+            f"study has {recorded:.6f}: this machine does not repeat its runs, so resuming would mix machines "
+            "(--other-machine goes on anyway and records the mismatch)"
+        )
+
+
 def study_seeds(
     trainer,
     scorer,
@@ -450,30 +480,38 @@ def study_seeds(
     initial: Callable[[int], List[str]],
     save: Callable[[], Any],
     metric: str = "dice",
+    checks: Optional[List[Dict]] = None,
 ) -> None:
     """Every seed up to ``args.seeds`` with work left: a warm start on ``initial(seed)``, one :func:`run` per strategy
     without a run for that seed in ``results``, and the all-labels reference (the warm start fine-tuned on every pool
     case for the same total steps) when ``reference`` lacks it; ``save`` after each seed, so that an interrupted
-    study keeps its finished seeds. A resumed seed's warm start is retrained; its round-0 result is checked against
-    the recorded runs' round 0, which it matches when training is deterministic on the machine."""
+    study keeps its finished seeds. A resumed study first checks that this machine repeats its recorded runs (see
+    :func:`check_reproduction`, which appends to ``checks``): on the first seed to run when that seed has recorded
+    runs, else by retraining the first recorded seed's warm start."""
+    checks = [] if checks is None else checks
     total_steps = args.steps * math.ceil((args.max_labels - args.initial) / args.batch)
-    for seed in range(args.seeds):
+    recorded_seeds = sorted({seed for by_seed in results.values() for seed in by_seed})
+
+    def round0(seed: int) -> float:
+        return next(by_seed[seed][0][metric] for by_seed in results.values() if seed in by_seed)
+
+    pending = [
+        s for s in range(args.seeds) if s >= len(reference) or any(s not in results.get(t, {}) for t in strategies)
+    ]
+    if pending and recorded_seeds and pending[0] not in recorded_seeds:
+        seed = recorded_seeds[0]
+        warm = warm_start(trainer, seed, initial(seed), args.warmup_steps)
+        check_reproduction(seed, trainer.evaluate(warm)[metric], round0(seed), metric, args, checks)
+    for seed in pending:
         todo = [s for s in strategies if seed not in results.setdefault(s, {})]
-        recorded = [by_seed[seed] for s, by_seed in results.items() if seed in by_seed]
-        if not todo and seed < len(reference):
-            continue
         first = initial(seed)
-        seed_training(trainer, seed)
-        warm = trainer.new_network()
         t0 = time.time()
-        trainer.train(warm, first, args.warmup_steps, random.Random(seed))
+        warm = warm_start(trainer, seed, first, args.warmup_steps)
         print(f"seed {seed}: initial {first}, warm start in {time.time() - t0:.0f}s", flush=True)
+        if seed in recorded_seeds:
+            check_reproduction(seed, trainer.evaluate(warm)[metric], round0(seed), metric, args, checks)
         for strategy in todo:
             results[strategy][seed] = run(strategy, seed, warm, first, trainer, scorer, images, cases, args, metric)
-            if recorded:
-                new, old = results[strategy][seed][0][metric], recorded[0][0][metric]
-                same = "reproduces" if abs(new - old) < 1e-9 else "DIFFERS FROM"
-                print(f"seed {seed}: the warm start's {metric} {new:.4f} {same} the recorded {old:.4f}", flush=True)
         if seed >= len(reference):
             full = copy.deepcopy(warm)
             seed_training(trainer, 1000 * seed + 17)
@@ -513,6 +551,12 @@ def study_arguments(ap: argparse.ArgumentParser, **defaults: Any) -> None:
         default="",
         help="with --resume: comma-separated strategies whose recorded runs are dropped (those also in --strategies "
         "run again, with the same seeds as the new ones)",
+    )
+    ap.add_argument(
+        "--other-machine",
+        action="store_true",
+        help="with --resume: go on even when this machine does not repeat the recorded runs (the mismatch is "
+        "recorded); without it such a resume stops before writing anything",
     )
 
 
@@ -701,6 +745,7 @@ def markdown(result: Dict[str, Any], image: str = "active_learning.png") -> str:
         "",
         f"`{result['command']}` on {result['machine']}, {result['minutes']:.0f} min.",
         "",
+        *reproduction_text(result),
         f"Pool of {cfg['pool']} phantoms (from the sample data's generator, rendered small; "
         f"{cfg['pool_rare']} {rare}), {cfg['heldout']} held-out ({cfg['heldout_rare']} {rare}). "
         f"Start: {cfg['initial']} random labeled cases and "
@@ -784,6 +829,7 @@ def main(argv=None) -> int:
         print(f"cohort ready in {time.time() - start:.0f}s", flush=True)
 
         results, reference, start = resumed(args, strategies, start)
+        checks: List[Dict] = []
         study_seeds(
             trainer,
             scorer,
@@ -794,10 +840,11 @@ def main(argv=None) -> int:
             results,
             reference,
             initial=lambda seed: random.Random(seed).sample(sorted(cases), args.initial),
-            save=lambda: write_results(args, argv, start, results, reference, pool, heldout, scorer),
+            save=lambda: write_results(args, argv, start, results, reference, pool, heldout, scorer, checks),
+            checks=checks,
         )
 
-    print(markdown(write_results(args, argv, start, results, reference, pool, heldout, scorer)))
+    print(markdown(write_results(args, argv, start, results, reference, pool, heldout, scorer, checks)))
     return 0
 
 
@@ -811,7 +858,7 @@ def resumed(
         return {s: {} for s in strategies}, [], start
     previous = json.loads(args.resume.read_text())
     config = previous["config"]
-    mine = {k: v for k, v in vars(args).items() if k not in ("out", "resume", "seeds", "strategies", "redo")}
+    mine = {k: v for k, v in vars(args).items() if k not in (*UNRECORDED, "seeds", "strategies", "redo")}
     differ = [k for k, v in mine.items() if k in config and config[k] != v]
     if differ:
         raise SystemExit(f"--resume {args.resume}: another study ({', '.join(f'{k}={config[k]!r}' for k in differ)})")
@@ -837,10 +884,12 @@ def write_study(
     metric: str = "dice",
     ylabel: str = "held-out mean Dice",
     extra: Optional[Callable[[Dict[str, Dict[int, List[Dict]]]], Dict[str, Any]]] = None,
+    checks: Sequence[Dict] = (),
 ) -> Dict[str, Any]:
     """Write ``<name>.{json,md,png}`` to ``args.out`` for the seeds finished so far (called after every seed):
     the runs, the all-labels references, the summary, the learning curves and the Markdown from ``render``.
-    ``config`` and ``extra(runs)`` add the study's own fields."""
+    ``config`` and ``extra(runs)`` add the study's own fields; ``checks`` are this run's reproduction checks, added to
+    those of the ``--resume`` study."""
     done = len(reference)
     results = {s: {k: v for k, v in by_seed.items() if k < done} for s, by_seed in results.items()}
     result = {
@@ -848,14 +897,15 @@ def write_study(
         "machine": machine(),
         "minutes": (time.time() - start) / 60.0,
         "config": {
-            **{k: v for k, v in vars(args).items() if k not in ("out", "resume", "render")},
+            **{k: v for k, v in vars(args).items() if k not in UNRECORDED},
             "strategies": ",".join(results),
             "seeds": list(range(done)),
             **config,
         },
         "summary": summarise(results, reference, args.fraction, metric),
         **(extra(results) if extra else {}),
-        "notes": recorded_notes(args),
+        "reproduction": [*recorded(args, "reproduction"), *checks],
+        "notes": recorded(args, "notes"),
         "reference": reference,
         "runs": results,
         "cases": [{k: v for k, v in c.items() if k not in ("image", "label")} for c in pool],
@@ -888,19 +938,33 @@ def render_recorded(path: Path, render: Callable[[Dict[str, Any], str], str], yl
     return publish_study(result, path, render, ylabel)
 
 
-def recorded_notes(args: argparse.Namespace) -> List[str]:
-    """The written notes of the ``--resume`` study, kept so that adding seeds or strategies does not drop them."""
-    return json.loads(args.resume.read_text()).get("notes", []) if getattr(args, "resume", None) else []
+def recorded(args: argparse.Namespace, key: str) -> List[Any]:
+    """A list the ``--resume`` study recorded (its written ``notes``, its ``reproduction`` checks), kept so that
+    adding seeds or strategies does not drop it."""
+    return json.loads(args.resume.read_text()).get(key, []) if getattr(args, "resume", None) else []
 
 
-def write_results(args, argv, start, results, reference, pool, heldout, scorer) -> Dict[str, Any]:
+def reproduction_text(result: Dict[str, Any]) -> List[str]:
+    """Report lines for a resumed study: whether the machine that added to it repeated the recorded runs."""
+    lines = []
+    for c in result.get("reproduction", []):
+        verdict = (
+            "as recorded" if c["reproduces"] else f"where the recorded runs have {c['recorded']:.6f}: MIXED MACHINES"
+        )
+        lines.append(
+            f"Resumed: seed {c['seed']}'s warm start, retrained, gives {c['metric']} {c['retrained']:.6f}, {verdict}."
+        )
+    return [*lines, ""] if lines else []
+
+
+def write_results(args, argv, start, results, reference, pool, heldout, scorer, checks=()) -> Dict[str, Any]:
     """This study's results so far."""
     config = {
         "pool_rare": sum(c["rare"] for c in pool),
         "heldout_rare": sum(c["rare"] for c in heldout),
         "scoring_spacing": list(scorer.spacing),
     }
-    return write_study("active_learning", args, argv, start, results, reference, pool, config, markdown)
+    return write_study("active_learning", args, argv, start, results, reference, pool, config, markdown, checks=checks)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from active_learning import (
     interval_text,
     parse_strategies,
     render_recorded,
+    reproduction_text,
     resumed,
     study_arguments,
     study_seeds,
@@ -213,6 +214,7 @@ def markdown(result: Dict[str, Any], image: str = f"{NAME}.png") -> str:
         "",
         f"`{result['command']}` on {result['machine']}, {result['minutes']:.0f} min.",
         "",
+        *reproduction_text(result),
         f"Pool of {cfg['pool']} lesion phantoms ({cfg['pool_lesion']} with a lesion, {cfg['pool_rare']} of them near "
         f"the detection limit), {cfg['heldout']} held-out ({cfg['heldout_lesion']} with a lesion, "
         f"{cfg['heldout_rare']} near the limit). Network: the detector. Start: {cfg['initial']} labeled cases (half "
@@ -248,7 +250,7 @@ def markdown(result: Dict[str, Any], image: str = f"{NAME}.png") -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(args, argv, start, results, reference, pool, heldout) -> Dict[str, Any]:
+def write_results(args, argv, start, results, reference, pool, heldout, checks=()) -> Dict[str, Any]:
     """This study's results so far, with what each strategy picked."""
     config = {
         "pool_lesion": sum(c["label"] for c in pool),
@@ -262,7 +264,7 @@ def write_results(args, argv, start, results, reference, pool, heldout) -> Dict[
         return {"picked": {name: picked_kinds(by_seed, cases) for name, by_seed in runs.items()}}
 
     return write_study(
-        NAME, args, argv, start, results, reference, pool, config, markdown, "auc", "held-out ROC AUC", picked
+        NAME, args, argv, start, results, reference, pool, config, markdown, "auc", "held-out ROC AUC", picked, checks
     )
 
 
@@ -292,6 +294,7 @@ def main(argv=None) -> int:
         print(f"cohort ready in {time.time() - start:.0f}s", flush=True)
 
         results, reference, start = resumed(args, strategies, start)
+        checks: List[Dict] = []
         images = {i: i for i in cases}  # run() hands the scorer an image per id; the trainer keeps the volumes
         study_seeds(
             trainer,
@@ -303,11 +306,12 @@ def main(argv=None) -> int:
             results,
             reference,
             initial=lambda seed: initial_cases(cases, args.initial, random.Random(seed)),
-            save=lambda: write_results(args, argv, start, results, reference, pool, heldout),
+            save=lambda: write_results(args, argv, start, results, reference, pool, heldout, checks),
             metric="auc",
+            checks=checks,
         )
 
-    print(markdown(write_results(args, argv, start, results, reference, pool, heldout)))
+    print(markdown(write_results(args, argv, start, results, reference, pool, heldout, checks)))
     return 0
 
 

@@ -119,15 +119,15 @@ def test_resume_adds_strategies_or_seeds_to_a_recorded_study_but_refuses_another
     import argparse
     import json
 
-    from active_learning import recorded_notes, resumed, study_arguments
+    from active_learning import recorded, resumed, study_arguments
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--strategies", default="random,cls_entropy")
     study_arguments(ap, steps=300)
-    recorded = vars(ap.parse_args([]))
+    defaults = vars(ap.parse_args([]))
     runs = {"random": {"0": [{"labels": 2, "auc": 0.5}]}, "cls_entropy": {"0": [{"labels": 2, "auc": 0.5}]}}
     path = tmp_path / "study.json"
-    config = {k: v for k, v in recorded.items() if k not in ("out", "resume")}
+    config = {k: v for k, v in defaults.items() if k not in ("out", "resume")}
     notes = ["**Target missed**", "", "why"]
     study = {"config": config, "runs": runs, "reference": [{"seed": 0}], "minutes": 30.0, "notes": notes}
     path.write_text(json.dumps(study))
@@ -137,7 +137,7 @@ def test_resume_adds_strategies_or_seeds_to_a_recorded_study_but_refuses_another
     assert list(results) == ["random", "cls_entropy", "cls_finding"]  # recorded first, then the new one
     assert results["random"] == {0: runs["random"]["0"]} and results["cls_finding"] == {}
     assert reference == [{"seed": 0}] and start == 1000.0 - 1800.0
-    assert recorded_notes(args) == notes and recorded_notes(ap.parse_args([])) == []  # written notes carried over
+    assert recorded(args, "notes") == notes and recorded(ap.parse_args([]), "notes") == []  # written notes carried over
     assert resumed(ap.parse_args([]), ["random"], 5.0) == ({"random": {}}, [], 5.0)
     redo = ap.parse_args(["--redo", "random,cls_entropy", "--resume", str(path)])
     results, reference, _ = resumed(redo, ["random", "cls_finding"], 0.0)
@@ -176,6 +176,52 @@ def test_a_study_repeats_exactly_with_the_same_seed(tmp_path):
     layout = runs[0]["runs"]["diversity_layout"]["0"][0]
     assert 0.0 <= layout["centre_distance_rare_vs_common"]["auc_centre_distance_rare"] <= 1.0
     assert layout["picked"] and all(p["score"] is not None for p in layout["picked"])
+
+
+def test_resume_first_checks_that_this_machine_repeats_the_recorded_runs(tmp_path):
+    """Training repeats exactly on one machine but not across machines, so a resumed study retrains a recorded
+    seed's warm start and compares it with the recorded round 0: a match is recorded and the study goes on; a
+    mismatch (here a recorded round 0 off by 0.01, as from another machine) stops it with nothing written, unless
+    --other-machine, which records the mix in the .json and the report."""
+    import json
+
+    from active_learning import main
+
+    tiny = "--pool 6 --rare-every 3 --heldout 2 --initial 2 --batch 2 --max-labels 4 --warmup-steps 5 --steps 5"
+    tiny += " --threads 1"
+    first = tmp_path / "first"
+    assert main([*tiny.split(), "--strategies", "random", "--seeds", "1", "--out", str(first)]) == 0
+    recorded = first / "active_learning.json"
+    assert json.loads(recorded.read_text())["reproduction"] == []  # nothing resumed, nothing checked
+
+    more = tmp_path / "more"
+    assert (
+        main([*tiny.split(), "--strategies", "random", "--seeds", "2", "--resume", str(recorded), "--out", str(more)])
+        == 0
+    )
+    study = json.loads((more / "active_learning.json").read_text())
+    [check] = study["reproduction"]
+    assert check["seed"] == 0 and check["reproduces"] and check["metric"] == "dice"
+    assert check["retrained"] == check["recorded"] == study["runs"]["random"]["0"][0]["dice"]
+    assert sorted(study["runs"]["random"]) == ["0", "1"]
+    assert "seed 0's warm start, retrained, gives dice" in (more / "active_learning.md").read_text()
+
+    elsewhere = json.loads(recorded.read_text())
+    elsewhere["runs"]["random"]["0"][0]["dice"] += 0.01
+    recorded.write_text(json.dumps(elsewhere))
+    before = recorded.read_text()
+    for strategies, seeds in (("random", "2"), ("random,entropy", "1")):  # adding seeds, adding strategies
+        argv = [*tiny.split(), "--strategies", strategies, "--seeds", seeds, "--resume", str(recorded)]
+        with pytest.raises(SystemExit, match="does not repeat its runs"):
+            main([*argv, "--out", str(first)])
+        assert recorded.read_text() == before  # nothing written
+    mixed = tmp_path / "mixed"
+    argv = [*tiny.split(), "--strategies", "random", "--seeds", "2", "--resume", str(recorded), "--other-machine"]
+    assert main([*argv, "--out", str(mixed)]) == 0
+    study = json.loads((mixed / "active_learning.json").read_text())
+    assert [c["reproduces"] for c in study["reproduction"]] == [False]
+    assert "other_machine" not in study["config"]  # a recorded mismatch, not a setting that a later resume must match
+    assert "MIXED MACHINES" in (mixed / "active_learning.md").read_text()
 
 
 def test_ideal_observer_detectability_scales_with_contrast_and_bounds_the_matched_filter():
