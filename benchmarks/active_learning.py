@@ -508,8 +508,8 @@ def study_seeds(
         t0 = time.time()
         warm = warm_start(trainer, seed, first, args.warmup_steps)
         print(f"seed {seed}: initial {first}, warm start in {time.time() - t0:.0f}s", flush=True)
-        if seed in recorded_seeds:
-            check_reproduction(seed, trainer.evaluate(warm)[metric], round0(seed), metric, args, checks)
+        if seed in recorded_seeds:  # on a copy: evaluating switches the network to eval mode
+            check_reproduction(seed, trainer.evaluate(copy.deepcopy(warm))[metric], round0(seed), metric, args, checks)
         for strategy in todo:
             results[strategy][seed] = run(strategy, seed, warm, first, trainer, scorer, images, cases, args, metric)
         if seed >= len(reference):
@@ -726,6 +726,7 @@ def plot(summary: Dict[str, Any], out: Path, title: str, ylabel: str = "held-out
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
+    plt.close(fig)  # a study re-plots after every seed
 
 
 def interval_text(interval: Optional[Sequence[float]]) -> str:
