@@ -7,7 +7,9 @@
 
 The recorded study adds seeds 3 and 4 to that with ``--seeds 5 --resume benchmarks/results/active_learning.json``
 (about 31 min more): ``--resume`` keeps a recorded study's seeds and runs only the missing ones (every other setting
-must match).
+must match). Training repeats exactly on one machine, not across machines, so a resumed study first retrains a
+recorded warm start and stops unless it gives the recorded round 0 (``--other-machine`` goes on and says so in the
+report); the check is recorded under ``reproduction``.
 
 The cohort is the sample data's: ``cohort_plan("seg", 24)`` of ``labelloop_app.synthetic`` (the same seeds,
 orientations, field-of-view cuts and hard cases as ``sample-data/segmentation``) as the pool, and

@@ -80,12 +80,17 @@ def score_order(pool: Pool, key: str, task: str, rng: Optional[random.Random] = 
     return picks + [Pick(i, None, key, None, {"unscored": True}) for i in rest], None
 
 
+def has_features(record: Mapping[str, Any], keys: Sequence[str]) -> bool:
+    """Whether an image's scoring record holds every feature vector ``keys`` (non-empty)."""
+    return all(record.get(k) for k in keys)
+
+
 def embedding_version(pool: Pool, keys: Sequence[str] = ("embedding",)) -> Optional[str]:
     """Model version whose feature vectors (``keys`` of the records) cover the most images (the current model wins
     ties): distances are only meaningful between features of the same network."""
     counts: Dict[str, int] = {}
     for record in pool.records.values():
-        if all(record.get(k) for k in keys):
+        if has_features(record, keys):
             v = record.get("model_version") or ""
             counts[v] = counts.get(v, 0) + 1
     if not counts:
@@ -98,7 +103,7 @@ def feature_vectors(records: Mapping[str, Mapping[str, Any]], keys: Sequence[str
     return {
         i: np.concatenate([np.asarray(r[k], dtype=np.float64) for k in keys])
         for i, r in records.items()
-        if all(r.get(k) for k in keys)
+        if has_features(r, keys)
     }
 
 
