@@ -456,8 +456,8 @@ def check_reproduction(
 ) -> None:
     """Append to ``checks`` (the study's ``reproduction`` record) whether a resumed seed's retrained warm start gives
     the recorded round-0 ``metric``. Training is deterministic on one machine but not across machines (runs differ
-    by a few hundredths of Dice per round), so a mismatch stops the study before anything is written, unless
-    ``--other-machine`` accepts the mix, which is then recorded."""
+    by a few hundredths of Dice per round), so a mismatch stops the study, unless ``--other-machine`` accepts the
+    mix, which is then recorded. The first check comes before any new seed is written."""
     same = abs(retrained - recorded) < 1e-9
     checks.append({"seed": seed, "metric": metric, "recorded": recorded, "retrained": retrained, "reproduces": same})
     verdict = "reproduces" if same else "DIFFERS FROM"
