@@ -462,7 +462,7 @@ def check_reproduction(
     checks.append({"seed": seed, "metric": metric, "recorded": recorded, "retrained": retrained, "reproduces": same})
     verdict = "reproduces" if same else "DIFFERS FROM"
     print(f"seed {seed}: the retrained warm start's {metric} {retrained:.6f} {verdict} the recorded {recorded:.6f}")
-    if not same and not getattr(args, "other_machine", False):
+    if not same and not args.other_machine:
         raise SystemExit(
             f"--resume: seed {seed}'s warm start, retrained here, gives {metric} {retrained:.6f} where the recorded "
             f"study has {recorded:.6f}: this machine does not repeat its runs, so resuming would mix machines "
@@ -481,8 +481,8 @@ def study_seeds(
     reference: List[Dict],
     initial: Callable[[int], List[str]],
     save: Callable[[], Any],
+    checks: List[Dict],
     metric: str = "dice",
-    checks: Optional[List[Dict]] = None,
 ) -> None:
     """Every seed up to ``args.seeds`` with work left: a warm start on ``initial(seed)``, one :func:`run` per strategy
     without a run for that seed in ``results``, and the all-labels reference (the warm start fine-tuned on every pool
@@ -490,28 +490,26 @@ def study_seeds(
     study keeps its finished seeds. A resumed study first checks that this machine repeats its recorded runs (see
     :func:`check_reproduction`, which appends to ``checks``): on the first seed to run when that seed has recorded
     runs, else by retraining the first recorded seed's warm start."""
-    checks = [] if checks is None else checks
     total_steps = args.steps * math.ceil((args.max_labels - args.initial) / args.batch)
     recorded_seeds = sorted({seed for by_seed in results.values() for seed in by_seed})
 
-    def round0(seed: int) -> float:
-        return next(by_seed[seed][0][metric] for by_seed in results.values() if seed in by_seed)
+    def check(seed: int, warm: torch.nn.Module) -> None:  # on a copy: evaluating switches to eval mode
+        recorded = next(by_seed[seed][0][metric] for by_seed in results.values() if seed in by_seed)
+        check_reproduction(seed, trainer.evaluate(copy.deepcopy(warm))[metric], recorded, metric, args, checks)
 
     pending = [
         s for s in range(args.seeds) if s >= len(reference) or any(s not in results.get(t, {}) for t in strategies)
     ]
     if pending and recorded_seeds and pending[0] not in recorded_seeds:
-        seed = recorded_seeds[0]
-        warm = warm_start(trainer, seed, initial(seed), args.warmup_steps)
-        check_reproduction(seed, trainer.evaluate(warm)[metric], round0(seed), metric, args, checks)
+        check(recorded_seeds[0], warm_start(trainer, recorded_seeds[0], initial(recorded_seeds[0]), args.warmup_steps))
     for seed in pending:
         todo = [s for s in strategies if seed not in results.setdefault(s, {})]
         first = initial(seed)
         t0 = time.time()
         warm = warm_start(trainer, seed, first, args.warmup_steps)
         print(f"seed {seed}: initial {first}, warm start in {time.time() - t0:.0f}s", flush=True)
-        if seed in recorded_seeds:  # on a copy: evaluating switches the network to eval mode
-            check_reproduction(seed, trainer.evaluate(copy.deepcopy(warm))[metric], round0(seed), metric, args, checks)
+        if seed in recorded_seeds:
+            check(seed, warm)
         for strategy in todo:
             results[strategy][seed] = run(strategy, seed, warm, first, trainer, scorer, images, cases, args, metric)
         if seed >= len(reference):
@@ -832,7 +830,7 @@ def main(argv=None) -> int:
         print(f"cohort ready in {time.time() - start:.0f}s", flush=True)
 
         results, reference, start = resumed(args, strategies, start)
-        checks: List[Dict] = []
+        checks: List[Dict] = recorded(args, "reproduction")  # read once: --out may be the resumed file
         study_seeds(
             trainer,
             scorer,
@@ -891,8 +889,8 @@ def write_study(
 ) -> Dict[str, Any]:
     """Write ``<name>.{json,md,png}`` to ``args.out`` for the seeds finished so far (called after every seed):
     the runs, the all-labels references, the summary, the learning curves and the Markdown from ``render``.
-    ``config`` and ``extra(runs)`` add the study's own fields; ``checks`` are this run's reproduction checks, added to
-    those of the ``--resume`` study."""
+    ``config`` and ``extra(runs)`` add the study's own fields; ``checks`` are the reproduction checks (those of the
+    ``--resume`` study, then this run's)."""
     done = len(reference)
     results = {s: {k: v for k, v in by_seed.items() if k < done} for s, by_seed in results.items()}
     result = {
@@ -907,7 +905,7 @@ def write_study(
         },
         "summary": summarise(results, reference, args.fraction, metric),
         **(extra(results) if extra else {}),
-        "reproduction": [*recorded(args, "reproduction"), *checks],
+        "reproduction": list(checks),
         "notes": recorded(args, "notes"),
         "reference": reference,
         "runs": results,
@@ -960,7 +958,7 @@ def reproduction_text(result: Dict[str, Any]) -> List[str]:
     return [*lines, ""] if lines else []
 
 
-def write_results(args, argv, start, results, reference, pool, heldout, scorer, checks=()) -> Dict[str, Any]:
+def write_results(args, argv, start, results, reference, pool, heldout, scorer, checks) -> Dict[str, Any]:
     """This study's results so far."""
     config = {
         "pool_rare": sum(c["rare"] for c in pool),

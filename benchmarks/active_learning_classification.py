@@ -47,6 +47,7 @@ from active_learning import (
     at_labels,
     interval_text,
     parse_strategies,
+    recorded,
     render_recorded,
     reproduction_text,
     resumed,
@@ -250,7 +251,7 @@ def markdown(result: Dict[str, Any], image: str = f"{NAME}.png") -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(args, argv, start, results, reference, pool, heldout, checks=()) -> Dict[str, Any]:
+def write_results(args, argv, start, results, reference, pool, heldout, checks) -> Dict[str, Any]:
     """This study's results so far, with what each strategy picked."""
     config = {
         "pool_lesion": sum(c["label"] for c in pool),
@@ -294,7 +295,7 @@ def main(argv=None) -> int:
         print(f"cohort ready in {time.time() - start:.0f}s", flush=True)
 
         results, reference, start = resumed(args, strategies, start)
-        checks: List[Dict] = []
+        checks: List[Dict] = recorded(args, "reproduction")  # read once: --out may be the resumed file
         images = {i: i for i in cases}  # run() hands the scorer an image per id; the trainer keeps the volumes
         study_seeds(
             trainer,

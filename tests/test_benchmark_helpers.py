@@ -194,32 +194,32 @@ def test_resume_first_checks_that_this_machine_repeats_the_recorded_runs(tmp_pat
     recorded = first / "active_learning.json"
     assert json.loads(recorded.read_text())["reproduction"] == []  # nothing resumed, nothing checked
 
-    more = tmp_path / "more"
+    # resumed in place (--out the recorded study's folder), as the recorded studies are
     assert (
-        main([*tiny.split(), "--strategies", "random", "--seeds", "2", "--resume", str(recorded), "--out", str(more)])
+        main([*tiny.split(), "--strategies", "random", "--seeds", "2", "--resume", str(recorded), "--out", str(first)])
         == 0
     )
-    study = json.loads((more / "active_learning.json").read_text())
+    study = json.loads(recorded.read_text())
     [check] = study["reproduction"]
     assert check["seed"] == 0 and check["reproduces"] and check["metric"] == "dice"
     assert check["retrained"] == check["recorded"] == study["runs"]["random"]["0"][0]["dice"]
     assert sorted(study["runs"]["random"]) == ["0", "1"]
-    assert "seed 0's warm start, retrained, gives dice" in (more / "active_learning.md").read_text()
+    assert "seed 0's warm start, retrained, gives dice" in (first / "active_learning.md").read_text()
 
     elsewhere = json.loads(recorded.read_text())
     elsewhere["runs"]["random"]["0"][0]["dice"] += 0.01
     recorded.write_text(json.dumps(elsewhere))
     before = recorded.read_text()
-    for strategies, seeds in (("random", "2"), ("random,entropy", "1")):  # adding seeds, adding strategies
+    for strategies, seeds in (("random", "3"), ("random,entropy", "1")):  # adding seeds, adding strategies
         argv = [*tiny.split(), "--strategies", strategies, "--seeds", seeds, "--resume", str(recorded)]
         with pytest.raises(SystemExit, match="does not repeat its runs"):
             main([*argv, "--out", str(first)])
         assert recorded.read_text() == before  # nothing written
     mixed = tmp_path / "mixed"
-    argv = [*tiny.split(), "--strategies", "random", "--seeds", "2", "--resume", str(recorded), "--other-machine"]
+    argv = [*tiny.split(), "--strategies", "random", "--seeds", "3", "--resume", str(recorded), "--other-machine"]
     assert main([*argv, "--out", str(mixed)]) == 0
     study = json.loads((mixed / "active_learning.json").read_text())
-    assert [c["reproduces"] for c in study["reproduction"]] == [False]
+    assert [c["reproduces"] for c in study["reproduction"]] == [True, False]  # the recorded check, then this one
     assert "other_machine" not in study["config"]  # a recorded mismatch, not a setting that a later resume must match
     assert "MIXED MACHINES" in (mixed / "active_learning.md").read_text()
 
