@@ -41,6 +41,8 @@ offered by the server either: ``oracle_error`` labels the cases the current mode
 estimate of the model's error could save) and ``oracle_rare`` the rare subgroup first (the most that finding the
 subgroup could save). ``diversity_appearance`` and ``diversity_layout`` are ``diversity`` with the server's
 ``--conf diversity_features appearance`` or ``layout``, so that one study compares the feature spaces.
+``rarity`` is the server's ``rarity`` strategy with its defaults (the layout features, the 10th nearest unlabeled
+image).
 
 ``--render benchmarks/results/<name>.json`` runs nothing: it re-writes a recorded study's summary, report and plot
 from its JSON, with the written notes kept in the JSON's ``notes``.
@@ -69,7 +71,7 @@ from monai.data import CacheDataset
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import Compose
 
-from labelloop_app.activelearning.config import FEATURES
+from labelloop_app.activelearning.config import FEATURES, ActiveLearningConf
 from labelloop_app.activelearning.leases import LeaseBook
 from labelloop_app.activelearning.segmentation import SegmentationScorer, window_size
 from labelloop_app.activelearning.strategies import (
@@ -77,9 +79,11 @@ from labelloop_app.activelearning.strategies import (
     HybridStrategy,
     Pool,
     RandomStrategy,
+    RarityStrategy,
     ScoreStrategy,
     centre_distances,
     feature_vectors,
+    knn_rarity,
 )
 from labelloop_app.conf import SegmentationConf
 from labelloop_app.networks import segmentation_network
@@ -91,6 +95,8 @@ from labelloop_app.uncertainty import fragmentation
 HERE = Path(__file__).resolve().parent
 SEG_STRATEGIES = ("random", "entropy", "bald", "dice", "tta", "diversity", "hybrid")
 CLS_STRATEGIES = ("random", "cls_entropy", "cls_margin", "cls_least_confidence", "cls_finding")
+RARITY = ActiveLearningConf()
+"""``rarity`` measures in the server's default space with its default neighbour."""
 ORACLES = ("oracle_error", "oracle_rare")
 """Reference strategies that see the pool's ground truth, not offered by the server: the worst-segmented cases first
 (the most any score of the model's error could do), and the rare subgroup first (the most finding it could do)."""
@@ -104,11 +110,13 @@ STRATEGIES = (
     "dice",
     *ORACLES,
     *FEATURED,
+    "rarity",
 )
 """The index seeds each strategy's random stream (a strategy added later goes last, so that recorded streams stay)."""
 UNCERTAIN = ("entropy", "bald", "dice", "tta", "hybrid", *CLS_STRATEGIES[1:])
 """They need full scores of the unlabeled images."""
 DIVERSE = ("diversity", *FEATURED)  # core-set alone: feature vectors are all they need
+FEATURES_ONLY = (*DIVERSE, "rarity")
 EMBEDDED = (*DIVERSE, "hybrid")  # they pick by distances in an embedding space
 SCORE_KEY = {
     "entropy": "entropy",
@@ -117,8 +125,9 @@ SCORE_KEY = {
     "tta": "tta",
     "hybrid": "entropy",
     **{s: s[4:] for s in CLS_STRATEGIES[1:]},
+    "rarity": "knn_rarity",
 }
-"""The stored score each uncertainty strategy ranks by."""
+"""The score each strategy ranks by (stored, or computed from feature vectors for ``rarity``)."""
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -294,6 +303,8 @@ def make_strategy(
         return DiversityStrategy(*args, features=FEATURED.get(name, features), rng=rng)
     if name == "hybrid":
         return HybridStrategy(*args, fraction=hybrid_pool, features=features, rng=rng)
+    if name == "rarity":
+        return RarityStrategy(*args, features=RARITY.rarity_features, neighbours=RARITY.rarity_neighbours, rng=rng)
     raise ValueError(name)
 
 
@@ -349,7 +360,7 @@ def run(
             state["records"] = oracle_records(strategy, network, trainer, cases, labeled, rng, state["version"])
         elif strategy != "random":
             for image_id in cases:
-                embedding_only = image_id in labeled or strategy in DIVERSE
+                embedding_only = image_id in labeled or strategy in FEATURES_ONLY
                 rec = scorer.score(network, images[image_id], embedding_only=embedding_only)
                 state["records"][image_id] = {**rec, "model_version": state["version"]}
         row["score_seconds"] = round(time.time() - t0, 1)
@@ -362,6 +373,8 @@ def run(
         if strategy in EMBEDDED:
             keys = FEATURES[FEATURED.get(strategy, features)].keys
             row["centre_distance_rare_vs_common"] = _embedding_separation(state["records"], cases, labeled, keys)
+        if strategy == "rarity":
+            row["knn_rarity_rare_vs_common"] = _rarity_separation(state["records"], cases, labeled)
         picks = []
         for j in range(min(args.batch, args.max_labels - len(labeled))):
             answer = chooser({"client_id": f"oracle{j}"}, None)
@@ -434,6 +447,15 @@ def _embedding_separation(
     unlabeled = [i for i in cases if i not in labeled and i in emb]
     distances = centre_distances(unlabeled, [i for i in labeled if i in emb], emb)
     return _separation({i: {"centre_distance": d} for i, d in distances.items()}, cases, unlabeled, "centre_distance")
+
+
+def _rarity_separation(records: Dict[str, Dict], cases: Dict[str, Dict], labeled: Sequence[str]) -> Dict[str, Any]:
+    """How well the k-nearest-neighbour distance among the unlabeled images (what ``rarity`` picks by, in the
+    server's default space and neighbour) tells the rare subgroup from the rest among them (AUC)."""
+    emb = feature_vectors(records, FEATURES[RARITY.rarity_features].keys)
+    unlabeled = [i for i in cases if i not in labeled and i in emb]
+    rarity = knn_rarity(unlabeled, emb, RARITY.rarity_neighbours)
+    return _separation({i: {"knn_rarity": d} for i, d in rarity.items()}, cases, unlabeled, "knn_rarity")
 
 
 def seed_training(trainer, seed: int) -> None:
@@ -813,7 +835,7 @@ def main(argv=None) -> int:
     if args.render:
         print(render_recorded(args.render, markdown, "held-out mean Dice"))
         return 0
-    strategies = parse_strategies(ap, args.strategies, (*SEG_STRATEGIES, *FEATURED, *ORACLES))
+    strategies = parse_strategies(ap, args.strategies, (*SEG_STRATEGIES, *FEATURED, "rarity", *ORACLES))
 
     torch.set_num_threads(args.threads)
     start = time.time()

@@ -26,9 +26,11 @@ from labelloop_app.activelearning.strategies import (
     DiversityStrategy,
     HybridStrategy,
     Pool,
+    RarityStrategy,
     centre_distances,
     feature_vectors,
     kcenter_greedy,
+    knn_rarity,
 )
 from labelloop_app.class_labels import ClassLabelCheck
 from labelloop_app.conf import ConfError
@@ -40,7 +42,7 @@ pytestmark = pytest.mark.server
 N_LABELED, N_UNLABELED = 3, 8
 LEASE_SECONDS = 8
 SCORING_CAP = 6
-UNCERTAINTY = ("entropy", "bald", "tta", "diversity", "hybrid")
+UNCERTAINTY = ("entropy", "bald", "tta", "diversity", "hybrid", "rarity")
 STRATEGIES = ("random", "first", *UNCERTAINTY)
 SCORE_NAMES = {
     "entropy": "entropy",
@@ -48,6 +50,7 @@ SCORE_NAMES = {
     "tta": "tta",
     "diversity": "kcenter_distance",
     "hybrid": "kcenter_distance",
+    "rarity": "knn_rarity",
 }
 
 
@@ -463,6 +466,43 @@ def test_diversity_features_are_chosen_by_conf_and_named_in_the_description():
     partial = {**records, "e": {"appearance": [50.0, 0.0], "model_version": "v1"}}
     assert set(feature_vectors(partial, ("appearance", "layout"))) == set(records)
     assert feature_vectors(partial, ("appearance", "layout"))["d"].tolist() == [7.0, 0.0, 0.7, 0.8]
+
+
+def test_rarity_keeps_handing_out_a_rare_kind_that_core_set_counts_covered_after_one_label():
+    """Four scans of a rare kind far from thirty common ones, one of the rare ones labeled: core-set diversity counts
+    the kind covered and picks a common scan, rarity picks the rare ones (their k-th nearest unlabeled neighbour is
+    a common scan) until fewer than k are left unlabeled."""
+    rng = np.random.default_rng(1)
+    layout = {f"c{n}": rng.normal(size=2) for n in range(30)}
+    layout.update({f"r{n}": np.array([6.0, 0.0]) + rng.normal(scale=0.3, size=2) for n in range(4)})
+    records = {i: {"layout": v.tolist(), "model_version": "v1"} for i, v in layout.items()}
+    labeled = ["r0", "c0", "c1", "c2"]
+    pool = Pool([i for i in layout if i not in labeled], labeled, {}, records, "v1")
+    book = LeaseBook(60)
+    core_set = DiversityStrategy(book, lambda *a: pool, features="layout")
+    assert core_set.order(pool, 1)[0][0].image_id.startswith("c")
+    rarity = RarityStrategy(book, lambda *a: pool, features="layout", neighbours=3)
+    picks, reason = rarity.order(pool, 1)
+    assert reason is None and {p.image_id for p in picks[:3]} == {"r1", "r2", "r3"}
+    assert picks[0].score_name == "knn_rarity" and picks[0].details == {"neighbours": 3}
+    assert [p.score for p in picks] == sorted((p.score for p in picks), reverse=True)
+    assert (
+        "k-th nearest unlabeled image (k = 3)" in rarity.description and FEATURES["layout"].words in rarity.description
+    )
+    # the k-th neighbour of a pool smaller than k is its farthest one; a single image has none
+    assert knn_rarity(["c3", "c4", "c5"], layout, 10) == knn_rarity(["c3", "c4", "c5"], layout, 2)
+    assert knn_rarity(["c3"], layout, 10) == {"c3": 0.0}
+    # no model yet: random order, and the reason
+    fresh = Pool([i for i in layout if i not in labeled], labeled, {}, {}, "")
+    assert rarity.order(fresh, 1)[1] == "no trained model yet"
+    conf = ActiveLearningConf.from_conf({})
+    assert (conf.rarity_features, conf.rarity_neighbours) == ("layout", 10)
+    conf = ActiveLearningConf.from_conf({"rarity_features": "Appearance", "rarity_neighbours": "5"})
+    assert (conf.rarity_features, conf.rarity_neighbours) == ("appearance", 5)
+    with pytest.raises(ConfError, match="rarity_features must be one of bottleneck, appearance, layout"):
+        ActiveLearningConf.from_conf({"rarity_features": "pixels"})
+    with pytest.raises(ConfError, match="rarity_neighbours must be at least 1"):
+        ActiveLearningConf.from_conf({"rarity_neighbours": "0"})
 
 
 def test_centre_distances_are_what_the_first_kcenter_pick_maximises():

@@ -156,7 +156,7 @@ def test_a_study_repeats_exactly_with_the_same_seed(tmp_path):
 
     from active_learning import main
 
-    tiny = "--pool 6 --rare-every 3 --heldout 2 --seeds 1 --strategies random,entropy,diversity,diversity_layout"
+    tiny = "--pool 6 --rare-every 3 --heldout 2 --seeds 1 --strategies random,entropy,diversity,diversity_layout,rarity"
     tiny += " --initial 2 --batch 2 --max-labels 4"
     runs = []
     for k in range(2):
@@ -176,6 +176,11 @@ def test_a_study_repeats_exactly_with_the_same_seed(tmp_path):
     layout = runs[0]["runs"]["diversity_layout"]["0"][0]
     assert 0.0 <= layout["centre_distance_rare_vs_common"]["auc_centre_distance_rare"] <= 1.0
     assert layout["picked"] and all(p["score"] is not None for p in layout["picked"])
+    # rarity picks the unlabeled case farthest from its k-th unlabeled neighbour, and records how well that tells
+    rarity = runs[0]["runs"]["rarity"]["0"][0]
+    auc = rarity["knn_rarity_rare_vs_common"]["auc_knn_rarity_rare"]
+    assert 0.0 <= auc <= 1.0 and summary["rarity"]["score_auc_rare_vs_common"] == auc
+    assert [p["score"] for p in rarity["picked"]] == sorted((p["score"] for p in rarity["picked"]), reverse=True)
 
 
 def test_resume_first_checks_that_this_machine_repeats_the_recorded_runs(tmp_path):

@@ -40,6 +40,13 @@ def _number(conf: Mapping[str, str], key: str, default: float, kind: type, low: 
     return value
 
 
+def _space(conf: Mapping[str, str], key: str, default: str) -> str:
+    value = str(conf.get(key, default)).strip().lower()
+    if value not in FEATURES:
+        raise ConfError(f"--conf {key} must be one of {', '.join(FEATURES)}, got {value!r}")
+    return value
+
+
 @dataclass
 class ActiveLearningConf:
     """How images are handed out and scored.
@@ -55,7 +62,9 @@ class ActiveLearningConf:
     deepest features, averaged over space), ``appearance`` (how each segmented structure looks: its intensity
     under the model's prediction, and its size), ``layout`` (where each segmented structure lies in the body, and
     its size) or ``appearance_layout`` (both joined; on a cohort with organs out of place it finds fewer of
-    those scans than ``layout`` alone: see the benchmarks).
+    those scans than ``layout`` alone: see the benchmarks). ``rarity_features`` and ``rarity_neighbours``: the
+    space ``rarity`` measures in (one of the same four, ``layout`` by default) and which nearest unlabeled image
+    its distance is taken to.
     """
 
     lease_seconds: float = 1800.0
@@ -66,15 +75,21 @@ class ActiveLearningConf:
     scoring_threads: int = 1
     auto_scoring: bool = True
     diversity_features: str = "bottleneck"
+    rarity_features: str = "layout"
+    rarity_neighbours: int = 10
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, str]) -> ActiveLearningConf:
         pool = _number(conf, "hybrid_pool", cls.hybrid_pool, float, 0.0)
         if not 0.0 < pool <= 1.0:
             raise ConfError(f"--conf hybrid_pool must be in (0, 1], got {conf.get('hybrid_pool')!r}")
-        features = str(conf.get("diversity_features", cls.diversity_features)).strip().lower()
-        if features not in FEATURES:
-            raise ConfError(f"--conf diversity_features must be one of {', '.join(FEATURES)}, got {features!r}")
+        features, rarity = (
+            _space(conf, key, default)
+            for key, default in (
+                ("diversity_features", cls.diversity_features),
+                ("rarity_features", cls.rarity_features),
+            )
+        )
         return cls(
             lease_seconds=_number(conf, "lease_seconds", cls.lease_seconds, float, 1.0),
             scoring_max_images=_number(conf, "scoring_max_images", cls.scoring_max_images, int, 1),
@@ -84,4 +99,6 @@ class ActiveLearningConf:
             scoring_threads=_number(conf, "scoring_threads", cls.scoring_threads, int, 1),
             auto_scoring=parse_bool(conf.get("auto_scoring"), cls.auto_scoring),
             diversity_features=features,
+            rarity_features=rarity,
+            rarity_neighbours=_number(conf, "rarity_neighbours", cls.rarity_neighbours, int, 1),
         )

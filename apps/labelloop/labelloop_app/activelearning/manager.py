@@ -25,6 +25,7 @@ from labelloop_app.activelearning.strategies import (
     LeasingStrategy,
     Pool,
     RandomStrategy,
+    RarityStrategy,
     ScoreStrategy,
 )
 from labelloop_app.class_labels import CLASS_TAG
@@ -131,6 +132,9 @@ class ActiveLearning:
             features = self.conf.diversity_features
             s["diversity"] = DiversityStrategy(*args, features=features)
             s["hybrid"] = HybridStrategy(*args, fraction=self.conf.hybrid_pool, features=features)
+            s["rarity"] = RarityStrategy(
+                *args, features=self.conf.rarity_features, neighbours=self.conf.rarity_neighbours
+            )
         if "classification" in self.tasks:
             for key in MEASURES:
                 s[f"cls_{key}"] = ScoreStrategy(

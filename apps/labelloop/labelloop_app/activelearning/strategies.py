@@ -180,6 +180,41 @@ def diversity_order(
     return picks + _rest(pool, [p.image_id for p in picks], rng), None
 
 
+def knn_rarity(candidates: Sequence[str], embeddings: Dict[str, np.ndarray], neighbours: int) -> Dict[str, float]:
+    """Each candidate's distance to its ``neighbours``-th nearest other candidate in the standardised feature space: a
+    k-nearest-neighbour outlier score. A kind of scan that is rare in the pool sits far from most of the pool, so
+    its k-th neighbour lies in another kind (with fewer candidates than that, the farthest one counts)."""
+    cands = list(candidates)
+    if len(cands) < 2:
+        return {i: 0.0 for i in cands}
+    x, _ = _standardised_nearest(cands, [], embeddings)
+    distances = np.sort(np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)), axis=1)
+    column = min(max(int(neighbours), 1), len(cands) - 1)  # column 0 is each candidate itself
+    return {i: float(d) for i, d in zip(cands, distances[:, column])}
+
+
+def rarity_order(
+    pool: Pool,
+    k: int,
+    task: str,
+    rng: Optional[random.Random] = None,
+    keys: Sequence[str] = ("layout",),
+    neighbours: int = 10,
+) -> Order:
+    """Rarest first: the available images by their k-nearest-neighbour distance among the unlabeled images
+    (:func:`knn_rarity`) in the space of the feature vectors ``keys``. Labeled images are left out of the
+    neighbours on purpose: a rare kind stays rare until most of it is labeled, where core-set diversity counts it
+    covered after one label. Leased images still count as neighbours, so two annotators are handed different ones."""
+    version, emb = _embeddings(pool, keys)
+    unlabeled = [i for i in list(pool.available) + list(pool.leased) if i in emb]
+    if not pool.model_version or not any(i in emb for i in pool.available):
+        return random_order(pool, rng), no_scores_reason(pool, task, "feature vectors")
+    rarity = knn_rarity(unlabeled, emb, neighbours)
+    ranked = sorted((i for i in pool.available if i in rarity), key=lambda i: (-rarity[i], i))
+    picks = [Pick(i, round(rarity[i], 4), "knn_rarity", version, {"neighbours": neighbours}) for i in ranked]
+    return picks + _rest(pool, ranked, rng), None
+
+
 def hybrid_order(
     pool: Pool,
     k: int,
@@ -320,6 +355,22 @@ class DiversityStrategy(LeasingStrategy):
 
     def order(self, pool: Pool, k: int) -> Order:
         return diversity_order(pool, k, self.task, self.rng, self.keys)
+
+
+class RarityStrategy(LeasingStrategy):
+    def __init__(self, *args, features: str = "layout", neighbours: int = 10, **kwargs):
+        super().__init__(
+            "rarity",
+            f"Rarest first: the image farthest, in {FEATURES[features].words}, from its k-th nearest unlabeled "
+            f"image (k = {neighbours}), so a rare kind of scan is handed out until most of it is labeled",
+            *args,
+            **kwargs,
+        )
+        self.keys = FEATURES[features].keys
+        self.neighbours = neighbours
+
+    def order(self, pool: Pool, k: int) -> Order:
+        return rarity_order(pool, k, self.task, self.rng, self.keys, self.neighbours)
 
 
 class HybridStrategy(LeasingStrategy):
