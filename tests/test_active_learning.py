@@ -28,6 +28,7 @@ from labelloop_app.activelearning.strategies import (
     Pool,
     RarityStrategy,
     centre_distances,
+    distance_blocks,
     feature_vectors,
     kcenter_greedy,
     knn_rarity,
@@ -503,6 +504,22 @@ def test_rarity_keeps_handing_out_a_rare_kind_that_core_set_counts_covered_after
         ActiveLearningConf.from_conf({"rarity_features": "pixels"})
     with pytest.raises(ConfError, match="rarity_neighbours must be at least 1"):
         ActiveLearningConf.from_conf({"rarity_neighbours": "0"})
+
+
+def test_distances_come_in_row_blocks_equal_to_the_full_difference_array():
+    """Pools of thousands of images: distances are computed a block of rows at a time, never as an (n, m, features)
+    array, and agree with it across block boundaries; the k-th neighbour is that of the full sorted distances."""
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(11, 4)), rng.normal(size=(7, 4))
+    blocks = list(distance_blocks(a, b, rows=3))
+    assert [len(block) for block in blocks] == [3, 3, 3, 2]
+    full = np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
+    np.testing.assert_allclose(np.concatenate(blocks), full, atol=1e-9)
+    emb = {f"i{n}": v for n, v in enumerate(rng.normal(size=(40, 3)))}
+    x = np.stack(list(emb.values()))
+    x = (x - x.mean(axis=0)) / x.std(axis=0)
+    third = np.sort(np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)), axis=1)[:, 3]
+    np.testing.assert_allclose(list(knn_rarity(list(emb), emb, 3).values()), third, atol=1e-9)
 
 
 def test_centre_distances_are_what_the_first_kcenter_pick_maximises():

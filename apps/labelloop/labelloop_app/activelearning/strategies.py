@@ -144,7 +144,17 @@ def _standardised_nearest(
     xc, xk = x[: len(candidates)], x[len(candidates) :]
     if not len(xk):
         return xc, np.full(len(candidates), np.inf)
-    return xc, np.sqrt(((xc[:, None, :] - xk[None, :, :]) ** 2).sum(-1)).min(axis=1)
+    return xc, np.concatenate([block.min(axis=1) for block in distance_blocks(xc, xk)])
+
+
+def distance_blocks(a: np.ndarray, b: np.ndarray, rows: int = 256):
+    """Euclidean distances from the rows of ``a`` to those of ``b``, ``rows`` rows of ``a`` at a time: a pool of
+    thousands of images never needs the (n, m, features) array of differences, only (rows, m) distances."""
+    b_squared = (b**2).sum(axis=1)
+    for start in range(0, len(a), rows):
+        block = a[start : start + rows]
+        squared = (block**2).sum(axis=1)[:, None] + b_squared[None, :] - 2.0 * block @ b.T
+        yield np.sqrt(np.maximum(squared, 0.0))
 
 
 def centre_distances(
@@ -188,9 +198,9 @@ def knn_rarity(candidates: Sequence[str], embeddings: Dict[str, np.ndarray], nei
     if len(cands) < 2:
         return {i: 0.0 for i in cands}
     x, _ = _standardised_nearest(cands, [], embeddings)
-    distances = np.sort(np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)), axis=1)
-    column = min(max(int(neighbours), 1), len(cands) - 1)  # column 0 is each candidate itself
-    return {i: float(d) for i, d in zip(cands, distances[:, column])}
+    column = min(max(int(neighbours), 1), len(cands) - 1)  # the nearest, at 0, is each candidate itself
+    kth = np.concatenate([np.partition(block, column, axis=1)[:, column] for block in distance_blocks(x, x)])
+    return {i: float(d) for i, d in zip(cands, kth)}
 
 
 def rarity_order(
