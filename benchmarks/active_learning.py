@@ -115,8 +115,8 @@ STRATEGIES = (
 """The index seeds each strategy's random stream (a strategy added later goes last, so that recorded streams stay)."""
 UNCERTAIN = ("entropy", "bald", "dice", "tta", "hybrid", *CLS_STRATEGIES[1:])
 """They need full scores of the unlabeled images."""
-DIVERSE = ("diversity", *FEATURED)  # core-set alone: feature vectors are all they need
-FEATURES_ONLY = (*DIVERSE, "rarity")
+DIVERSE = ("diversity", *FEATURED)  # core-set alone
+FEATURES_ONLY = (*DIVERSE, "rarity")  # feature vectors are all they need
 EMBEDDED = (*DIVERSE, "hybrid")  # they pick by distances in an embedding space
 SCORE_KEY = {
     "entropy": "entropy",

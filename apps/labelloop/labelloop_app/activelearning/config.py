@@ -83,13 +83,8 @@ class ActiveLearningConf:
         pool = _number(conf, "hybrid_pool", cls.hybrid_pool, float, 0.0)
         if not 0.0 < pool <= 1.0:
             raise ConfError(f"--conf hybrid_pool must be in (0, 1], got {conf.get('hybrid_pool')!r}")
-        features, rarity = (
-            _space(conf, key, default)
-            for key, default in (
-                ("diversity_features", cls.diversity_features),
-                ("rarity_features", cls.rarity_features),
-            )
-        )
+        features = _space(conf, "diversity_features", cls.diversity_features)
+        rarity = _space(conf, "rarity_features", cls.rarity_features)
         return cls(
             lease_seconds=_number(conf, "lease_seconds", cls.lease_seconds, float, 1.0),
             scoring_max_images=_number(conf, "scoring_max_images", cls.scoring_max_images, int, 1),

@@ -139,12 +139,17 @@ def _standardised_nearest(
 ) -> Tuple[np.ndarray, np.ndarray]:
     """The candidates' features standardised over candidates and centres, and each candidate's distance to its
     nearest centre (infinite with no centre)."""
-    x = np.stack([embeddings[i] for i in list(candidates) + list(centers)]).astype(np.float64)
-    x = (x - x.mean(axis=0)) / np.maximum(x.std(axis=0), 1e-8)
+    x = _standardised(np.stack([embeddings[i] for i in list(candidates) + list(centers)]))
     xc, xk = x[: len(candidates)], x[len(candidates) :]
     if not len(xk):
         return xc, np.full(len(candidates), np.inf)
     return xc, np.concatenate([block.min(axis=1) for block in distance_blocks(xc, xk)])
+
+
+def _standardised(x: np.ndarray) -> np.ndarray:
+    """Each feature at mean 0 and standard deviation 1 over the rows (a constant feature at 0)."""
+    x = x.astype(np.float64)
+    return (x - x.mean(axis=0)) / np.maximum(x.std(axis=0), 1e-8)
 
 
 def distance_blocks(a: np.ndarray, b: np.ndarray, rows: int = 256):
@@ -197,7 +202,7 @@ def knn_rarity(candidates: Sequence[str], embeddings: Dict[str, np.ndarray], nei
     cands = list(candidates)
     if len(cands) < 2:
         return {i: 0.0 for i in cands}
-    x, _ = _standardised_nearest(cands, [], embeddings)
+    x = _standardised(np.stack([embeddings[i] for i in cands]))
     column = min(max(int(neighbours), 1), len(cands) - 1)  # the nearest, at 0, is each candidate itself
     kth = np.concatenate([np.partition(block, column, axis=1)[:, column] for block in distance_blocks(x, x)])
     return {i: float(d) for i, d in zip(cands, kth)}
@@ -207,9 +212,9 @@ def rarity_order(
     pool: Pool,
     k: int,
     task: str,
-    rng: Optional[random.Random] = None,
-    keys: Sequence[str] = ("layout",),
-    neighbours: int = 10,
+    rng: Optional[random.Random],
+    keys: Sequence[str],
+    neighbours: int,
 ) -> Order:
     """Rarest first: the available images by their k-nearest-neighbour distance among the unlabeled images
     (:func:`knn_rarity`) in the space of the feature vectors ``keys``. Labeled images are left out of the
@@ -368,7 +373,7 @@ class DiversityStrategy(LeasingStrategy):
 
 
 class RarityStrategy(LeasingStrategy):
-    def __init__(self, *args, features: str = "layout", neighbours: int = 10, **kwargs):
+    def __init__(self, *args, features: str, neighbours: int, **kwargs):
         super().__init__(
             "rarity",
             f"Rarest first: the image farthest, in {FEATURES[features].words}, from its k-th nearest unlabeled "
