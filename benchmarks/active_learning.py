@@ -141,7 +141,8 @@ STUDY_SPACING = 6.0
 STUDY_ROI = (32, 32, 32)
 
 
-UNRECORDED = ("out", "resume", "render", "other_machine")  # options that do not change what a study computes
+# options that do not change what a study's own runs compute (``beyond`` is recorded in the study's ``beyond``)
+UNRECORDED = ("out", "resume", "render", "other_machine", "beyond")
 
 
 def study_conf(spacing: float = STUDY_SPACING, roi: Sequence[int] = STUDY_ROI) -> SegmentationConf:
@@ -543,6 +544,118 @@ def study_seeds(
         save()
 
 
+def study_beyond(
+    trainer,
+    scorer,
+    images: Dict[str, Any],
+    cases: Dict[str, Dict],
+    args: argparse.Namespace,
+    results: Dict[str, Dict[int, List[Dict]]],
+    reference: List[Dict],
+    beyond: Dict[str, Any],
+    initial: Callable[[int], List[str]],
+    save: Callable[[], Any],
+    metric: str = "dice",
+) -> None:
+    """Random again in every recorded seed, on past ``--max-labels`` up to ``--beyond`` labels, so that the labels
+    random needs to reach the target are measured where the study's budget cuts them off. The target stays the
+    study's (its reference trains for the study's total steps). Seeds in which random misses the target within the
+    budget go first; ``save`` after each, so that an interrupted run keeps its seeds in ``beyond["runs"]`` (the rows
+    from the study's last label count on). Each rerun must repeat its recorded rows exactly, as resuming on the
+    recording machine does; else it stops before writing, unless ``--other-machine`` (recorded per seed)."""
+    target = args.fraction * float(np.mean([r[metric] for r in reference]))
+    recorded = results["random"]
+    longer = copy.copy(args)
+    longer.max_labels = args.beyond
+
+    def reached(seed: int) -> bool:
+        return labels_to_reach({row["labels"]: row[metric] for row in recorded[seed]}, target) is not None
+
+    for seed in sorted(recorded, key=lambda s: (reached(s), s)):
+        if seed in beyond["runs"]:
+            continue
+        first = initial(seed)
+        rows = run(
+            "random",
+            seed,
+            warm_start(trainer, seed, first, args.warmup_steps),
+            first,
+            trainer,
+            scorer,
+            images,
+            cases,
+            longer,
+            metric,
+        )
+        n = len(recorded[seed])
+        differ = max(abs(a[metric] - b[metric]) for a, b in zip(rows[:n], recorded[seed]))
+        beyond["repeats"][seed] = {"max_difference": differ, "reproduces": differ < 1e-9}
+        if differ >= 1e-9 and not args.other_machine:
+            raise SystemExit(
+                f"--beyond: seed {seed}'s random run, repeated here, differs from the recorded one by up to "
+                f"{differ:.6f} {metric}: this machine does not repeat its runs (--other-machine goes on anyway)"
+            )
+        beyond["runs"][seed] = rows[n - 1 :]
+        save()
+
+
+def random_beyond(results: Dict[str, Dict[int, List[Dict]]], beyond: Dict[str, Any]) -> Dict[int, List[Dict]]:
+    """Random's runs joined with their continuations past the study's budget (``study_beyond``), where there is
+    one."""
+    joined = {}
+    for seed, rows in results["random"].items():
+        more = beyond["runs"].get(seed, [])
+        joined[seed] = rows + [row for row in more if row["labels"] > rows[-1]["labels"]]
+    return joined
+
+
+def summarise_beyond(
+    results: Dict[str, Dict[int, List[Dict]]], beyond: Dict[str, Any], target: float, metric: str = "dice"
+) -> Dict[str, Any]:
+    """What random's continuation past the budget measures: its labels to ``target`` per seed (``None``: not
+    reached within ``beyond["max_labels"]``, or not run past the budget yet), and when every seed that missed the
+    target has run on, each strategy's mean per-seed labels relative to random's (a seed that never reaches it
+    counts at its cap: random's at ``beyond["max_labels"]``, the others' at the study's); when every seed has run
+    on, random's mean curve and each strategy's labels by the mean curves relative to random's, with the seeds
+    resampled."""
+    joined = random_beyond(results, beyond)
+    study_cap = max(row["labels"] for rows in results["random"].values() for row in rows)
+    per_seed = {s: labels_to_reach({r["labels"]: r[metric] for r in rows}, target) for s, rows in joined.items()}
+    missing = [s for s, v in per_seed.items() if v is None and s not in beyond["runs"]]
+    out: Dict[str, Any] = {
+        "max_labels": beyond["max_labels"],
+        "seeds_run_on": sorted(beyond["runs"]),
+        "repeats": all(r["reproduces"] for r in beyond["repeats"].values()),
+        "random_labels_to_target_per_seed": [per_seed[s] for s in sorted(per_seed)],
+        "strategies": {},
+    }
+    if missing:
+        return out
+    seeds = sorted(joined)
+    base = [per_seed[s] if per_seed[s] is not None else float(beyond["max_labels"]) for s in seeds]
+    everyone = len(beyond["runs"]) == len(joined)
+    if everyone:
+        mean = {n: float(np.mean(v)) for n, v in per_labels(joined, metric).items()}
+        out[f"random_mean_{metric}"] = mean
+        out["random_labels_to_target"] = labels_to_reach(mean, target)
+    for strategy, by_seed in results.items():
+        own = [labels_to_reach({r["labels"]: r[metric] for r in by_seed[s]}, target) for s in seeds]
+        own = [v if v is not None else float(study_cap) for v in own]
+        row: Dict[str, Any] = {
+            "mean_labels_per_seed": float(np.mean(own)) if strategy != "random" else float(np.mean(base)),
+            "relative_per_seed": float(np.mean(own) / np.mean(base)) if strategy != "random" else 1.0,
+        }
+        if everyone and strategy != "random":
+            mine = labels_to_reach({n: float(np.mean(v)) for n, v in per_labels(by_seed, metric).items()}, target)
+            base_mean = out["random_labels_to_target"]
+            row["relative_to_random"] = mine / base_mean if mine is not None and base_mean else None
+            row["relative_to_random_interval"] = relative_interval(
+                {"random": joined, strategy: by_seed}, strategy, target, metric
+            )
+        out["strategies"][strategy] = row
+    return out
+
+
 def study_arguments(ap: argparse.ArgumentParser, **defaults: Any) -> None:
     """The options both studies take; ``defaults`` overrides their defaults (e.g. ``steps=300``)."""
     d = {"seeds": 3, "initial": 2, "batch": 2, "max_labels": 14, "warmup_steps": 600, "steps": 200, "lr": 1e-3}
@@ -606,10 +719,15 @@ def labels_to_reach(curve: Dict[int, float], target: float) -> float | None:
 
 
 def summarise(
-    results: Dict[str, Dict[int, List[Dict]]], reference: List[Dict], fraction: float, metric: str = "dice"
+    results: Dict[str, Dict[int, List[Dict]]],
+    reference: List[Dict],
+    fraction: float,
+    metric: str = "dice",
+    beyond: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
     """Mean and spread of ``metric`` per strategy and number of labels, and the labels each strategy needs to reach
-    ``fraction`` of the all-labels reference, relative to random. Keys are named after the metric (``mean_dice``)."""
+    ``fraction`` of the all-labels reference, relative to random (and with random run on past the budget, when
+    ``beyond`` has that: :func:`summarise_beyond`). Keys are named after the metric (``mean_dice``)."""
     m = metric
     ref = float(np.mean([r[m] for r in reference]))
     target = fraction * ref
@@ -650,7 +768,10 @@ def summarise(
         base = table.get("random", {}).get(labels)
         for row in table.values():
             row[relative] = (row[labels] / base) if (row[labels] is not None and base) else None
-    return {f"reference_{m}": ref, f"target_{m}": target, "fraction": fraction, "metric": m, "strategies": table}
+    summary = {f"reference_{m}": ref, f"target_{m}": target, "fraction": fraction, "metric": m, "strategies": table}
+    if beyond:
+        summary["beyond"] = summarise_beyond(results, beyond, target, m)
+    return summary
 
 
 def _final_mean(row: Optional[Dict[str, Any]], metric: str) -> Optional[float]:
@@ -738,6 +859,10 @@ def plot(summary: Dict[str, Any], out: Path, title: str, ylabel: str = "held-out
         s = np.array([at_labels(row[f"std_{metric}"], n) for n in row["labels"]])
         (line,) = ax.plot(x, m, "o-", label=name, lw=2 if name != "random" else 2.5)
         ax.fill_between(x, m - s, m + s, color=line.get_color(), alpha=0.15)
+    beyond = summary.get("beyond", {}).get(f"random_mean_{metric}")
+    if beyond:
+        x = sorted(int(n) for n in beyond)
+        ax.plot(x, [at_labels(beyond, n) for n in x], "--", color="gray", lw=1.5, label="random, run on")
     ax.axhline(summary[f"reference_{metric}"], color="k", ls="--", lw=1, label="all labels")
     target = f"{summary['fraction']:.0%} of all labels"
     ax.axhline(summary[f"target_{metric}"], color="gray", ls=":", lw=1, label=target)
@@ -806,8 +931,57 @@ def markdown(result: Dict[str, Any], image: str = "active_learning.png") -> str:
             f"{fmt(row.get('score_auc_rare_vs_common'), '.2f', '-')} | "
             f"{fmt(row.get('centre_distance_auc_rare_vs_common'), '.2f', '-')} |"
         )
-    lines += ["", f"![learning curves]({image})", "", *result.get("notes", [])]
+    lines += [*beyond_text(s), "", f"![learning curves]({image})", "", *result.get("notes", [])]
     return "\n".join(lines) + "\n"
+
+
+def beyond_text(summary: Dict[str, Any]) -> List[str]:
+    """Report lines for random run on past the budget (:func:`summarise_beyond`), if it was."""
+    b = summary.get("beyond")
+    if not b:
+        return []
+    cap = b["max_labels"]
+    done = set(b["seeds_run_on"])
+    per_seed = [
+        f"{v:.1f}" if v is not None else (f"not within {cap}" if seed in done else "not run on")
+        for seed, v in enumerate(b["random_labels_to_target_per_seed"])
+    ]
+    repeats = "each repeats its recorded rounds exactly" if b["repeats"] else "NOT ALL REPEAT THEIR RECORDED ROUNDS"
+    lines = [
+        "",
+        f"Random run on past the budget, up to {cap} labels (`--beyond {cap}`, the target unchanged; seeds "
+        f"{', '.join(map(str, sorted(done))) or 'none yet'}; {repeats}). Random's labels to the target per seed: "
+        f"{', '.join(per_seed)}"
+        + (
+            f"; by its mean curve {_labels_text(b['random_labels_to_target'], cap)}."
+            if "random_mean_dice" in b
+            else "."
+        ),
+    ]
+    if b["strategies"]:
+        lines += [
+            "",
+            "| strategy | mean labels to the target per seed (a seed that never reaches it at its cap) | relative "
+            "to random | relative to random by the mean curves | 95% interval (seeds resampled) |",
+            "|---|---|---|---|---|",
+        ]
+        for name, row in b["strategies"].items():
+            lines.append(
+                f"| {name} | {row['mean_labels_per_seed']:.1f} | {row['relative_per_seed']:.0%} | "
+                f"{_relative_text(row.get('relative_to_random'), 'relative_to_random' in row)} | "
+                f"{interval_text(row.get('relative_to_random_interval'))} |"
+            )
+    return lines
+
+
+def _labels_text(labels: Optional[float], cap: int) -> str:
+    return f"{labels:.1f} labels" if labels is not None else f"not within {cap} labels"
+
+
+def _relative_text(relative: Optional[float], measured: bool) -> str:
+    if not measured:
+        return "-"
+    return f"{relative:.0%}" if relative is not None else "not reached"
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -831,6 +1005,14 @@ def main(argv=None) -> int:
     ap.add_argument("--hybrid-pool", type=float, default=0.5)
     ap.add_argument("--diversity-features", choices=tuple(FEATURES), default="bottleneck", help="as --conf")
     study_arguments(ap)
+    ap.add_argument(
+        "--beyond",
+        type=int,
+        default=0,
+        help="with --resume: run random again in every recorded seed and on past --max-labels up to this many "
+        "labels (the target stays the study's), so that its labels to the target are measured where the budget "
+        "cuts them off; recorded under the study's 'beyond'",
+    )
     args = ap.parse_args(argv)
     if args.render:
         print(render_recorded(args.render, markdown, "held-out mean Dice"))
@@ -853,6 +1035,14 @@ def main(argv=None) -> int:
 
         results, reference, start = resumed(args, strategies, start)
         checks: List[Dict] = recorded(args, "reproduction")  # read once: --out may be the resumed file
+        beyond = resumed_beyond(args)
+
+        def initial(seed: int) -> List[str]:
+            return random.Random(seed).sample(sorted(cases), args.initial)
+
+        def save() -> Dict[str, Any]:
+            return write_results(args, argv, start, results, reference, pool, heldout, scorer, checks, beyond)
+
         study_seeds(
             trainer,
             scorer,
@@ -862,12 +1052,14 @@ def main(argv=None) -> int:
             args,
             results,
             reference,
-            initial=lambda seed: random.Random(seed).sample(sorted(cases), args.initial),
-            save=lambda: write_results(args, argv, start, results, reference, pool, heldout, scorer, checks),
+            initial=initial,
+            save=save,
             checks=checks,
         )
+        if args.beyond:
+            study_beyond(trainer, scorer, images, cases, args, results, reference, beyond, initial, save)
 
-    print(markdown(write_results(args, argv, start, results, reference, pool, heldout, scorer, checks)))
+    print(markdown(save()))
     return 0
 
 
@@ -894,6 +1086,30 @@ def resumed(
     return runs, reference, start - 60.0 * float(previous.get("minutes", 0.0))
 
 
+def resumed_beyond(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    """Random's continuation past the budget to go on from: that of ``--resume`` (which must have been run to the
+    same ``--beyond``), an empty one when ``--beyond`` starts it, else ``None``."""
+    previous = json.loads(args.resume.read_text()).get("beyond") if args.resume else None
+    if previous and args.beyond and previous["max_labels"] != args.beyond:
+        raise SystemExit(
+            f"--resume {args.resume}: random was run on to {previous['max_labels']} labels, not {args.beyond}"
+        )
+    if previous:
+        return read_beyond(previous)
+    if args.beyond and not args.resume:
+        raise SystemExit("--beyond runs random on past the budget of a recorded study: it needs --resume")
+    return {"max_labels": args.beyond, "runs": {}, "repeats": {}} if args.beyond else None
+
+
+def read_beyond(recorded: Dict[str, Any]) -> Dict[str, Any]:
+    """A ``beyond`` record read back from JSON, with its seeds as numbers again."""
+    return {
+        "max_labels": recorded["max_labels"],
+        "runs": {int(k): v for k, v in recorded["runs"].items()},
+        "repeats": {int(k): v for k, v in recorded["repeats"].items()},
+    }
+
+
 def write_study(
     name: str,
     args: argparse.Namespace,
@@ -908,11 +1124,13 @@ def write_study(
     ylabel: str = "held-out mean Dice",
     extra: Optional[Callable[[Dict[str, Dict[int, List[Dict]]]], Dict[str, Any]]] = None,
     checks: Sequence[Dict] = (),
+    beyond: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
     """Write ``<name>.{json,md,png}`` to ``args.out`` for the seeds finished so far (called after every seed):
     the runs, the all-labels references, the summary, the learning curves and the Markdown from ``render``.
     ``config`` and ``extra(runs)`` add the study's own fields; ``checks`` are the reproduction checks (those of the
-    ``--resume`` study, then this run's)."""
+    ``--resume`` study, then this run's); ``beyond`` is random's continuation past the budget
+    (:func:`study_beyond`)."""
     done = len(reference)
     results = {s: {k: v for k, v in by_seed.items() if k < done} for s, by_seed in results.items()}
     result = {
@@ -925,8 +1143,9 @@ def write_study(
             "seeds": list(range(done)),
             **config,
         },
-        "summary": summarise(results, reference, args.fraction, metric),
+        "summary": summarise(results, reference, args.fraction, metric, beyond),
         **(extra(results) if extra else {}),
+        **({"beyond": beyond} if beyond else {}),
         "reproduction": list(checks),
         "notes": recorded(args, "notes"),
         "reference": reference,
@@ -957,7 +1176,8 @@ def render_recorded(path: Path, render: Callable[[Dict[str, Any], str], str], yl
     result = json.loads(path.read_text())
     runs = {s: {int(seed): rounds for seed, rounds in by_seed.items()} for s, by_seed in result["runs"].items()}
     metric = result["summary"].get("metric", "dice")
-    result["summary"] = summarise(runs, result["reference"], result["config"]["fraction"], metric)
+    beyond = read_beyond(result["beyond"]) if "beyond" in result else None
+    result["summary"] = summarise(runs, result["reference"], result["config"]["fraction"], metric, beyond)
     return publish_study(result, path, render, ylabel)
 
 
@@ -980,14 +1200,16 @@ def reproduction_text(result: Dict[str, Any]) -> List[str]:
     return [*lines, ""] if lines else []
 
 
-def write_results(args, argv, start, results, reference, pool, heldout, scorer, checks) -> Dict[str, Any]:
+def write_results(args, argv, start, results, reference, pool, heldout, scorer, checks, beyond) -> Dict[str, Any]:
     """This study's results so far."""
     config = {
         "pool_rare": sum(c["rare"] for c in pool),
         "heldout_rare": sum(c["rare"] for c in heldout),
         "scoring_spacing": list(scorer.spacing),
     }
-    return write_study("active_learning", args, argv, start, results, reference, pool, config, markdown, checks=checks)
+    return write_study(
+        "active_learning", args, argv, start, results, reference, pool, config, markdown, checks=checks, beyond=beyond
+    )
 
 
 if __name__ == "__main__":

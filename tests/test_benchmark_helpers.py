@@ -404,3 +404,47 @@ def test_the_study_cohort_puts_every_nth_case_in_the_rare_subgroup_and_nothing_e
         if rare == "native" and len(kidney_hu) > 20:  # enhanced kidneys are 150-200 HU, native 25-40 HU
             assert (np.median(kidney_hu) < 100) == case["rare"], case["id"]
     assert checked == {False, True}
+
+
+def test_random_runs_on_past_the_budget_repeating_its_recorded_rounds(tmp_path):
+    """``--beyond`` runs random again in a recorded study's seeds and on past its budget, with the study's target:
+    the repeated rounds must equal the recorded ones (else it stops with nothing written), the continuation is
+    recorded beside the runs, and the summary measures random's labels to the target on the longer curves."""
+    import json
+
+    from active_learning import main
+
+    tiny = "--pool 6 --rare-every 3 --heldout 2 --initial 2 --batch 2 --max-labels 4 --warmup-steps 5 --steps 5"
+    tiny += " --threads 1 --strategies random,rarity --seeds 1"
+    with pytest.raises(SystemExit, match="needs --resume"):
+        main([*tiny.split(), "--beyond", "6", "--out", str(tmp_path / "none")])
+    study = tmp_path / "study"
+    assert main([*tiny.split(), "--out", str(study)]) == 0
+    recorded = study / "active_learning.json"
+    before = json.loads(recorded.read_text())
+    assert "beyond" not in before and "beyond" not in before["summary"]
+
+    assert main([*tiny.split(), "--beyond", "6", "--resume", str(recorded), "--out", str(study)]) == 0
+    after = json.loads(recorded.read_text())
+    assert after["runs"] == before["runs"] and after["reference"] == before["reference"]
+    assert after["summary"]["target_dice"] == before["summary"]["target_dice"]
+    rows = after["beyond"]["runs"]["0"]
+    assert [r["labels"] for r in rows] == [4, 6]  # from the study's last label count on
+    assert rows[0]["dice"] == before["runs"]["random"]["0"][-1]["dice"]
+    assert after["beyond"]["repeats"]["0"]["reproduces"]
+    b = after["summary"]["beyond"]
+    assert b["max_labels"] == 6 and b["seeds_run_on"] == [0] and b["repeats"]
+    curve = {r["labels"]: r["dice"] for r in before["runs"]["random"]["0"] + rows[1:]}
+    assert b["random_mean_dice"] == {str(n): d for n, d in curve.items()}
+    assert set(b["strategies"]) == {"random", "rarity"} and b["strategies"]["random"]["relative_per_seed"] == 1.0
+    assert "Random run on past the budget, up to 6 labels" in (study / "active_learning.md").read_text()
+    assert "config" in after and "beyond" not in after["config"]
+
+    elsewhere = json.loads(recorded.read_text())
+    del elsewhere["beyond"]
+    elsewhere["runs"]["random"]["0"][1]["dice"] += 0.01  # a recorded round this machine does not repeat
+    recorded.write_text(json.dumps(elsewhere))
+    text = recorded.read_text()
+    with pytest.raises(SystemExit, match="does not repeat its runs"):
+        main([*tiny.split(), "--beyond", "6", "--resume", str(recorded), "--out", str(study)])
+    assert recorded.read_text() == text
