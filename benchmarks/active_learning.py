@@ -632,18 +632,25 @@ def summarise_beyond(
     if missing:
         return out
     seeds = sorted(joined)
-    base = [per_seed[s] if per_seed[s] is not None else float(beyond["max_labels"]) for s in seeds]
+    base = [v if v is not None else float(beyond["max_labels"]) for v in (per_seed[s] for s in seeds)]
     everyone = len(beyond["runs"]) == len(joined)
     if everyone:
         mean = {n: float(np.mean(v)) for n, v in per_labels(joined, metric).items()}
         out[f"random_mean_{metric}"] = mean
         out["random_labels_to_target"] = labels_to_reach(mean, target)
     for strategy, by_seed in results.items():
-        own = [labels_to_reach({r["labels"]: r[metric] for r in by_seed[s]}, target) for s in seeds]
-        own = [v if v is not None else float(study_cap) for v in own]
+        reached = (
+            [per_seed[s] for s in seeds]
+            if strategy == "random"
+            else [labels_to_reach({r["labels"]: r[metric] for r in by_seed[s]}, target) for s in seeds]
+        )
+        cap = beyond["max_labels"] if strategy == "random" else study_cap
+        own = [v if v is not None else float(cap) for v in reached]
         row: Dict[str, Any] = {
-            "mean_labels_per_seed": float(np.mean(own)) if strategy != "random" else float(np.mean(base)),
-            "relative_per_seed": float(np.mean(own) / np.mean(base)) if strategy != "random" else 1.0,
+            "mean_labels_per_seed": float(np.mean(own)),
+            "relative_per_seed": float(np.mean(own) / np.mean(base)),
+            "seeds_not_reaching": sum(v is None for v in reached),
+            "cap": cap,
         }
         if everyone and strategy != "random":
             mine = labels_to_reach({n: float(np.mean(v)) for n, v in per_labels(by_seed, metric).items()}, target)
@@ -961,13 +968,14 @@ def beyond_text(summary: Dict[str, Any]) -> List[str]:
     if b["strategies"]:
         lines += [
             "",
-            "| strategy | mean labels to the target per seed (a seed that never reaches it at its cap) | relative "
+            "| strategy | mean labels to the target per seed | seeds not reaching it (counted at) | relative "
             "to random | relative to random by the mean curves | 95% interval (seeds resampled) |",
-            "|---|---|---|---|---|",
+            "|---|---|---|---|---|---|",
         ]
         for name, row in b["strategies"].items():
             lines.append(
-                f"| {name} | {row['mean_labels_per_seed']:.1f} | {row['relative_per_seed']:.0%} | "
+                f"| {name} | {row['mean_labels_per_seed']:.1f} | {row['seeds_not_reaching']} ({row['cap']}) | "
+                f"{row['relative_per_seed']:.0%} | "
                 f"{_relative_text(row.get('relative_to_random'), 'relative_to_random' in row)} | "
                 f"{interval_text(row.get('relative_to_random_interval'))} |"
             )

@@ -437,6 +437,7 @@ def test_random_runs_on_past_the_budget_repeating_its_recorded_rounds(tmp_path):
     curve = {r["labels"]: r["dice"] for r in before["runs"]["random"]["0"] + rows[1:]}
     assert b["random_mean_dice"] == {str(n): d for n, d in curve.items()}
     assert set(b["strategies"]) == {"random", "rarity"} and b["strategies"]["random"]["relative_per_seed"] == 1.0
+    assert b["strategies"]["random"]["cap"] == 6 and b["strategies"]["rarity"]["cap"] == 4  # where each stopped
     assert "Random run on past the budget, up to 6 labels" in (study / "active_learning.md").read_text()
     assert "config" in after and "beyond" not in after["config"]
 
