@@ -44,6 +44,10 @@ subgroup could save). ``diversity_appearance`` and ``diversity_layout`` are ``di
 ``rarity`` is the server's ``rarity`` strategy with its defaults (the layout features, the 10th nearest unlabeled
 image).
 
+``--beyond N --resume <study>.json`` measures what a study's budget cuts off: random runs again in every recorded
+seed (its recorded rounds must repeat exactly) and on up to N labels, with the study's target; the report then gives
+random's labels to the target per seed and by the mean curve past the budget, and each strategy's relative to that.
+
 ``--render benchmarks/results/<name>.json`` runs nothing: it re-writes a recorded study's summary, report and plot
 from its JSON, with the written notes kept in the JSON's ``notes``.
 """
