@@ -872,7 +872,8 @@ def plot(summary: Dict[str, Any], out: Path, title: str, ylabel: str = "held-out
         ax.fill_between(x, m - s, m + s, color=line.get_color(), alpha=0.15)
     beyond = summary.get("beyond", {}).get(f"random_mean_{metric}")
     if beyond:
-        x = sorted(int(n) for n in beyond)
+        last = max(summary["strategies"]["random"]["labels"])
+        x = sorted(int(n) for n in beyond if int(n) >= last)  # the run-on part only
         ax.plot(x, [at_labels(beyond, n) for n in x], "--", color="gray", lw=1.5, label="random, run on")
     ax.axhline(summary[f"reference_{metric}"], color="k", ls="--", lw=1, label="all labels")
     target = f"{summary['fraction']:.0%} of all labels"
