@@ -614,14 +614,18 @@ def random_beyond(results: Dict[str, Dict[int, List[Dict]]], beyond: Dict[str, A
 
 
 def summarise_beyond(
-    results: Dict[str, Dict[int, List[Dict]]], beyond: Dict[str, Any], target: float, metric: str = "dice"
+    results: Dict[str, Dict[int, List[Dict]]],
+    beyond: Dict[str, Any],
+    target: float,
+    table: Dict[str, Dict[str, Any]],
+    metric: str = "dice",
 ) -> Dict[str, Any]:
     """What random's continuation past the budget measures: its labels to ``target`` per seed (``None``: not
     reached within ``beyond["max_labels"]``, or not run past the budget yet), and when every seed that missed the
     target has run on, each strategy's mean per-seed labels relative to random's (a seed that never reaches it
     counts at its cap: random's at ``beyond["max_labels"]``, the others' at the study's); when every seed has run
     on, random's mean curve and each strategy's labels by the mean curves relative to random's, with the seeds
-    resampled."""
+    resampled. ``table`` is :func:`summarise`'s per-strategy summary."""
     joined = random_beyond(results, beyond)
     study_cap = max(row["labels"] for rows in results["random"].values() for row in rows)
     per_seed = {s: labels_to_reach({r["labels"]: r[metric] for r in rows}, target) for s, rows in joined.items()}
@@ -657,7 +661,7 @@ def summarise_beyond(
             "cap": cap,
         }
         if everyone and strategy != "random":
-            mine = labels_to_reach({n: float(np.mean(v)) for n, v in per_labels(by_seed, metric).items()}, target)
+            mine = table[strategy]["labels_to_target"]  # the summary's, by the strategy's own mean curve
             base_mean = out["random_labels_to_target"]
             row["relative_to_random"] = mine / base_mean if mine is not None and base_mean else None
             row["relative_to_random_interval"] = relative_interval(
@@ -781,7 +785,7 @@ def summarise(
             row[relative] = (row[labels] / base) if (row[labels] is not None and base) else None
     summary = {f"reference_{m}": ref, f"target_{m}": target, "fraction": fraction, "metric": m, "strategies": table}
     if beyond:
-        summary["beyond"] = summarise_beyond(results, beyond, target, m)
+        summary["beyond"] = summarise_beyond(results, beyond, target, table, m)
     return summary
 
 
