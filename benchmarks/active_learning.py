@@ -42,7 +42,8 @@ estimate of the model's error could save) and ``oracle_rare`` the rare subgroup 
 subgroup could save). ``diversity_appearance`` and ``diversity_layout`` are ``diversity`` with the server's
 ``--conf diversity_features appearance`` or ``layout``, so that one study compares the feature spaces.
 ``rarity`` is the server's ``rarity`` strategy with its defaults (the layout features, the 10th nearest unlabeled
-image).
+image); ``rarity_appearance``, ``rarity_appearance_layout`` and ``rarity_bottleneck`` are ``rarity`` with the server's
+``--conf rarity_features`` set to that space.
 
 ``--beyond N --resume <study>.json`` measures what a study's budget cuts off: random runs again in every recorded
 seed (its recorded rounds must repeat exactly) and on up to N labels, with the study's target; the report then gives
@@ -107,6 +108,8 @@ ORACLES = ("oracle_error", "oracle_rare")
 FEATURED = {f"diversity_{f}": f for f in FEATURES if f != "bottleneck"}
 """``diversity`` in another feature space (the server's ``--conf diversity_features <f>``), so that one study can
 compare the spaces."""
+RARITIES = {"rarity": RARITY.rarity_features} | {f"rarity_{f}": f for f in FEATURES if f != RARITY.rarity_features}
+"""``rarity`` in its default space and in each other one (the server's ``--conf rarity_features <f>``)."""
 STRATEGIES = (
     *(s for s in SEG_STRATEGIES if s not in ("bald", "dice")),
     *CLS_STRATEGIES[1:],
@@ -114,13 +117,13 @@ STRATEGIES = (
     "dice",
     *ORACLES,
     *FEATURED,
-    "rarity",
+    *RARITIES,
 )
 """The index seeds each strategy's random stream (a strategy added later goes last, so that recorded streams stay)."""
 UNCERTAIN = ("entropy", "bald", "dice", "tta", "hybrid", *CLS_STRATEGIES[1:])
 """They need full scores of the unlabeled images."""
 DIVERSE = ("diversity", *FEATURED)  # core-set alone
-FEATURES_ONLY = (*DIVERSE, "rarity")  # feature vectors are all they need
+FEATURES_ONLY = (*DIVERSE, *RARITIES)  # feature vectors are all they need
 EMBEDDED = (*DIVERSE, "hybrid")  # they pick by distances in an embedding space
 SCORE_KEY = {
     "entropy": "entropy",
@@ -129,7 +132,7 @@ SCORE_KEY = {
     "tta": "tta",
     "hybrid": "entropy",
     **{s: s[4:] for s in CLS_STRATEGIES[1:]},
-    "rarity": "knn_rarity",
+    **{s: "knn_rarity" for s in RARITIES},
 }
 """The score each strategy ranks by (stored, or computed from feature vectors for ``rarity``)."""
 
@@ -308,8 +311,8 @@ def make_strategy(
         return DiversityStrategy(*args, features=FEATURED.get(name, features), rng=rng)
     if name == "hybrid":
         return HybridStrategy(*args, fraction=hybrid_pool, features=features, rng=rng)
-    if name == "rarity":
-        return RarityStrategy(*args, features=RARITY.rarity_features, neighbours=RARITY.rarity_neighbours, rng=rng)
+    if name in RARITIES:
+        return RarityStrategy(*args, features=RARITIES[name], neighbours=RARITY.rarity_neighbours, rng=rng)
     raise ValueError(name)
 
 
@@ -378,8 +381,8 @@ def run(
         if strategy in EMBEDDED:
             keys = FEATURES[FEATURED.get(strategy, features)].keys
             row["centre_distance_rare_vs_common"] = _embedding_separation(state["records"], cases, labeled, keys)
-        if strategy == "rarity":
-            row["knn_rarity_rare_vs_common"] = _rarity_separation(state["records"], cases, labeled)
+        if strategy in RARITIES:
+            row["knn_rarity_rare_vs_common"] = _rarity_separation(state["records"], cases, labeled, RARITIES[strategy])
         picks = []
         for j in range(min(args.batch, args.max_labels - len(labeled))):
             answer = chooser({"client_id": f"oracle{j}"}, None)
@@ -454,10 +457,13 @@ def _embedding_separation(
     return _separation({i: {"centre_distance": d} for i, d in distances.items()}, cases, unlabeled, "centre_distance")
 
 
-def _rarity_separation(records: Dict[str, Dict], cases: Dict[str, Dict], labeled: Sequence[str]) -> Dict[str, Any]:
-    """How well the k-nearest-neighbour distance among the unlabeled images (what ``rarity`` picks by, in the
-    server's default space and neighbour) tells the rare subgroup from the rest among them (AUC)."""
-    emb = feature_vectors(records, FEATURES[RARITY.rarity_features].keys)
+def _rarity_separation(
+    records: Dict[str, Dict], cases: Dict[str, Dict], labeled: Sequence[str], features: str
+) -> Dict[str, Any]:
+    """How well the k-nearest-neighbour distance among the unlabeled images in the space ``features`` (what
+    ``rarity`` picks by, with the server's default neighbour) tells the rare subgroup from the rest among them
+    (AUC)."""
+    emb = feature_vectors(records, FEATURES[features].keys)
     unlabeled = [i for i in cases if i not in labeled and i in emb]
     rarity = knn_rarity(unlabeled, emb, RARITY.rarity_neighbours)
     return _separation({i: {"knn_rarity": d} for i, d in rarity.items()}, cases, unlabeled, "knn_rarity")
@@ -1034,7 +1040,7 @@ def main(argv=None) -> int:
     if args.render:
         print(render_recorded(args.render, markdown, "held-out mean Dice"))
         return 0
-    strategies = parse_strategies(ap, args.strategies, (*SEG_STRATEGIES, *FEATURED, "rarity", *ORACLES))
+    strategies = parse_strategies(ap, args.strategies, (*SEG_STRATEGIES, *FEATURED, *RARITIES, *ORACLES))
 
     torch.set_num_threads(args.threads)
     start = time.time()

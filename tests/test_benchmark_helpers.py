@@ -157,6 +157,7 @@ def test_a_study_repeats_exactly_with_the_same_seed(tmp_path):
     from active_learning import main
 
     tiny = "--pool 6 --rare-every 3 --heldout 2 --seeds 1 --strategies random,entropy,diversity,diversity_layout,rarity"
+    tiny += ",rarity_appearance_layout"
     tiny += " --initial 2 --batch 2 --max-labels 4"
     runs = []
     for k in range(2):
@@ -181,6 +182,11 @@ def test_a_study_repeats_exactly_with_the_same_seed(tmp_path):
     auc = rarity["knn_rarity_rare_vs_common"]["auc_knn_rarity_rare"]
     assert 0.0 <= auc <= 1.0 and summary["rarity"]["score_auc_rare_vs_common"] == auc
     assert [p["score"] for p in rarity["picked"]] == sorted((p["score"] for p in rarity["picked"]), reverse=True)
+    # rarity in another space (the server's --conf rarity_features appearance_layout) measures in that space
+    joined = runs[0]["runs"]["rarity_appearance_layout"]["0"][0]
+    assert 0.0 <= joined["knn_rarity_rare_vs_common"]["auc_knn_rarity_rare"] <= 1.0
+    assert joined["picked"] and all(p["score"] is not None for p in joined["picked"])
+    assert [p["score"] for p in joined["picked"]] != [p["score"] for p in rarity["picked"]]
 
 
 def test_resume_first_checks_that_this_machine_repeats_the_recorded_runs(tmp_path):
