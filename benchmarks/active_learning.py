@@ -573,7 +573,7 @@ def study_beyond(
     budget go first; ``save`` after each, so that an interrupted run keeps its seeds in ``beyond["runs"]`` (the rows
     from the study's last label count on). Each rerun must repeat its recorded rows exactly, as resuming on the
     recording machine does; else it stops before writing, unless ``--other-machine`` (recorded per seed)."""
-    target = args.fraction * float(np.mean([r[metric] for r in reference]))
+    target = target_of(reference, args.fraction, metric)
     recorded = results["random"]
     longer = copy.copy(args)
     longer.max_labels = args.beyond
@@ -739,6 +739,11 @@ def labels_to_reach(curve: Dict[int, float], target: float) -> float | None:
     return None
 
 
+def target_of(reference: List[Dict], fraction: float, metric: str = "dice") -> float:
+    """The study's target: ``fraction`` of the all-labels references' mean ``metric``."""
+    return fraction * float(np.mean([r[metric] for r in reference]))
+
+
 def summarise(
     results: Dict[str, Dict[int, List[Dict]]],
     reference: List[Dict],
@@ -751,7 +756,7 @@ def summarise(
     ``beyond`` has that: :func:`summarise_beyond`). Keys are named after the metric (``mean_dice``)."""
     m = metric
     ref = float(np.mean([r[m] for r in reference]))
-    target = fraction * ref
+    target = target_of(reference, fraction, m)
     table = {}
     for strategy, by_seed in results.items():
         values = per_labels(by_seed, m)
