@@ -631,7 +631,8 @@ def summarise_beyond(
     target has run on, each strategy's mean per-seed labels relative to random's (a seed that never reaches it
     counts at its cap: random's at ``beyond["max_labels"]``, the others' at the study's); when every seed has run
     on, random's mean curve and each strategy's labels by the mean curves relative to random's, with the seeds
-    resampled. ``table`` is :func:`summarise`'s per-strategy summary."""
+    resampled. A strategy that has not run in all of random's seeds yet (added with ``--resume``) is left out.
+    ``table`` is :func:`summarise`'s per-strategy summary."""
     joined = random_beyond(results, beyond)
     study_cap = max(row["labels"] for rows in results["random"].values() for row in rows)
     per_seed = {s: labels_to_reach({r["labels"]: r[metric] for r in rows}, target) for s, rows in joined.items()}
@@ -653,6 +654,8 @@ def summarise_beyond(
         out[f"random_mean_{metric}"] = mean
         out["random_labels_to_target"] = labels_to_reach(mean, target)
     for strategy, by_seed in results.items():
+        if any(s not in by_seed for s in seeds):
+            continue  # a strategy added to the study that has not run in every seed yet
         reached = (
             [per_seed[s] for s in seeds]
             if strategy == "random"

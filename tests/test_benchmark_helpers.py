@@ -455,3 +455,31 @@ def test_random_runs_on_past_the_budget_repeating_its_recorded_rounds(tmp_path):
     with pytest.raises(SystemExit, match="does not repeat its runs"):
         main([*tiny.split(), "--beyond", "6", "--resume", str(recorded), "--out", str(study)])
     assert recorded.read_text() == text
+
+
+def test_random_run_on_leaves_out_a_strategy_until_it_has_run_in_every_seed():
+    """A strategy added with ``--resume`` to a study whose random ran on past the budget is saved after each of its
+    seeds; until it has run in all of random's seeds it is left out of the comparison with random's longer curves
+    (it is not compared on fewer seeds than random, and saving does not fail)."""
+    from active_learning import summarise
+
+    def rows(*dice):
+        return [{"labels": 2 + 2 * i, "dice": d, "dice_rare": d} for i, d in enumerate(dice)]
+
+    runs = {"random": {0: rows(0.5, 0.7), 1: rows(0.5, 0.6)}, "rarity": {0: rows(0.5, 0.9)}}
+    beyond = {
+        "max_labels": 6,
+        "runs": {0: rows(0.5, 0.7, 0.9)[1:], 1: rows(0.5, 0.6, 0.9)[1:]},
+        "repeats": {0: {"max_difference": 0.0, "reproduces": True}, 1: {"max_difference": 0.0, "reproduces": True}},
+    }
+    reference = [{"dice": 1.0}, {"dice": 1.0}]  # target 0.8: random reaches it at 5 and 16/3 labels
+    partial = summarise(runs, reference, 0.8, "dice", beyond)["beyond"]
+    assert set(partial["strategies"]) == {"random"}
+    assert partial["random_labels_to_target_per_seed"] == pytest.approx([5.0, 16 / 3])
+
+    runs["rarity"][1] = rows(0.5, 0.85)
+    full = summarise(runs, reference, 0.8, "dice", beyond)["beyond"]["strategies"]["rarity"]
+    own = [3.5, 2 + 2 * 0.3 / 0.35]  # where each of rarity's seeds crosses 0.8
+    assert full["mean_labels_per_seed"] == pytest.approx(np.mean(own))
+    assert full["relative_per_seed"] == pytest.approx(np.mean(own) / np.mean([5.0, 16 / 3]))
+    assert full["seeds_not_reaching"] == 0
