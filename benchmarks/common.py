@@ -37,12 +37,30 @@ def portable_path(arg: str) -> str:
 
 
 def machine() -> str:
-    """CPU, cores, torch threads and the accelerator, in one line."""
+    """CPU, cores, torch threads and the accelerator, in one line. The CPU's model and the vector instructions torch
+    uses are part of it: two machines that differ there round differently, and a study resumed on the other one
+    does not repeat its recorded runs."""
     device = f"CUDA {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "CPU only"
     return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{platform.processor() or platform.machine()}{cpu_model()}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} torch threads, {device}"
     )
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """`` (<model name>, family F model M, <torch's CPU capability>[ with AMX])`` where ``cpuinfo`` can be read (Linux),
+    else only the capability."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    try:
+        fields = dict(
+            (key.strip(), value.strip())
+            for key, _, value in (line.partition(":") for line in cpuinfo.read_text().split("\n\n")[0].splitlines())
+        )
+    except OSError:
+        return f" ({capability})"
+    amx = " with AMX" if "amx_tile" in fields.get("flags", "").split() else ""
+    name = fields.get("model name", "unknown CPU")
+    return f" ({name}, family {fields.get('cpu family', '?')} model {fields.get('model', '?')}, {capability}{amx})"
 
 
 def training_arguments(ap, here: Path) -> None:

@@ -483,3 +483,21 @@ def test_random_run_on_leaves_out_a_strategy_until_it_has_run_in_every_seed():
     assert full["mean_labels_per_seed"] == pytest.approx(np.mean(own))
     assert full["relative_per_seed"] == pytest.approx(np.mean(own) / np.mean([5.0, 16 / 3]))
     assert full["seeds_not_reaching"] == 0
+
+
+def test_the_machine_line_names_the_cpu_model_and_its_vector_instructions(tmp_path):
+    """Two machines that round differently must read differently in a recorded study's header: the CPU's model and
+    the instructions torch uses (with AMX, which changes the kernels) are in it; without /proc/cpuinfo, the
+    instructions alone."""
+    import torch
+    from common import cpu_model, machine
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    cpuinfo = tmp_path / "cpuinfo"
+    first = "processor\t: 0\ncpu family\t: 6\nmodel\t\t: 143\nmodel name\t: Some Xeon\nflags\t\t: fpu avx2 amx_tile\n"
+    cpuinfo.write_text(first + "\n" + first.replace("processor\t: 0", "processor\t: 1"))
+    assert cpu_model(cpuinfo) == f" (Some Xeon, family 6 model 143, {capability} with AMX)"
+    cpuinfo.write_text(first.replace(" amx_tile", "").replace("143", "85"))
+    assert cpu_model(cpuinfo) == f" (Some Xeon, family 6 model 85, {capability})"
+    assert cpu_model(tmp_path / "absent") == f" ({capability})"
+    assert capability in machine() and "cores" in machine()
