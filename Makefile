@@ -6,6 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 SAMPLE_DATA ?= sample-data
 STUDIES ?= $(SAMPLE_DATA)/segmentation
+SAMPLE_ARGS ?=
 CONF ?=
 PYTEST_ARGS ?=
 
@@ -33,10 +34,11 @@ $(STAMP): FORCE
 FORCE:
 
 sample-data: $(STAMP)
-	$(BIN)/python -m labelloop_app.synthetic --out $(SAMPLE_DATA)
+	$(BIN)/python -m labelloop_app.synthetic --out $(SAMPLE_DATA) $(SAMPLE_ARGS)
 
+# The venv's Python itself, not MONAI Label's `monailabel` script, which runs whatever `python` is first on PATH.
 run: sample-data
-	$(BIN)/monailabel start_server --app apps/labelloop --studies $(STUDIES) --host $(HOST) --port $(PORT) $(CONF)
+	$(BIN)/python -m monailabel.main start_server --app apps/labelloop --studies $(STUDIES) --host $(HOST) --port $(PORT) $(CONF)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
