@@ -157,7 +157,6 @@ def test_scoring_writes_scores_skips_scored_images_and_inference_stays_responsiv
 
     assert done["status"] == "DONE", done
     assert done["start_time"] < t0 and done["end_time"] > t1, "the inference did not overlap the scoring run"
-    assert during < max(3.0 * alone, alone + 5.0), f"inference took {during:.1f}s during scoring, {alone:.1f}s alone"
     result = done["result"]
     assert result["paused_seconds"] > 0, "scoring did not yield to the inference request"
     assert result["model_version"] == version
@@ -190,6 +189,9 @@ def test_scoring_writes_scores_skips_scored_images_and_inference_stays_responsiv
 
     third = al.post("/scoring/segmentation?run_sync=true").json()["result"]
     assert third["scored"] == 0 and third["skipped"] == N_LABELED + N_UNLABELED
+    # last, so that on a machine busy with other work a slow inference fails this test only: the module's other
+    # tests need the scores written above
+    assert during < max(3.0 * alone, alone + 5.0), f"inference took {during:.1f}s during scoring, {alone:.1f}s alone"
 
 
 def test_every_strategy_returns_an_unlabeled_image_with_its_score(al):
