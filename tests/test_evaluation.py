@@ -119,6 +119,24 @@ def test_files_use_the_header_spacing_in_x_y_z_order(tmp_path):
     assert "liver" in text and "worst cases" in text and "0.833" in text
 
 
+def test_the_summary_says_how_many_measurements_have_no_hd95():
+    """A structure the prediction misses in two images and finds in one has one HD95: the table's HD95 is that one,
+    and its ``no HD95`` column says 2, so the mean is not read as a mean over three images."""
+    scores = [
+        evaluation.LabelScore("a", "spleen", 0.0, math.nan, 200.0, 0.0, "missing in prediction"),
+        evaluation.LabelScore("b", "spleen", 0.0, math.nan, 210.0, 0.0, "missing in prediction"),
+        evaluation.LabelScore("c", "spleen", 0.0, 215.25, 190.0, 3.0),
+        evaluation.LabelScore("c", "liver", 0.9, 4.0, 1500.0, 1450.0),
+    ]
+    rows = {line.split()[0]: line.split() for line in evaluation.format_summary(scores).splitlines()[2:5]}
+    header = evaluation.format_summary(scores).splitlines()[1]
+    assert "no HD95" in header
+    # structure, n, Dice mean, median, min, HD95 mean, median, max, no HD95, |dVol| %
+    assert rows["spleen"][1] == "3" and rows["spleen"][5:9] == ["215.25", "215.25", "215.25", "2"]
+    assert rows["liver"][5:9] == ["4.00", "4.00", "4.00", "0"]
+    assert rows["all"][1] == "4" and rows["all"][8] == "2"
+
+
 def test_files_on_different_grids_are_refused(tmp_path):
     a = write(np.zeros((8, 8, 8), np.uint8), tmp_path / "a.nii.gz")
     b = write(np.zeros((8, 8, 8), np.uint8), tmp_path / "b.nii.gz", spacing=(1.0, 1.0, 1.0))

@@ -254,7 +254,9 @@ def summarize(scores: Sequence[LabelScore]) -> Dict[str, Dict[str, Any]]:
 
 
 def format_summary(scores: Sequence[LabelScore], worst: int = 3) -> str:
-    """A table per structure (mean, median, worst) and the worst cases by Dice, for people."""
+    """A table per structure (mean, median, worst) and the worst cases by Dice, for people. The HD95 figures are over
+    the measurements where the structure is in both maps; ``no HD95`` counts the others (missed or invented), so a
+    mean over one found structure is not read as a mean over all."""
     summary = summarize(scores)
     images = sorted({s.image for s in scores})
 
@@ -264,13 +266,13 @@ def format_summary(scores: Sequence[LabelScore], worst: int = 3) -> str:
     lines = [f"{len(images)} image(s), {sum(1 for s in scores if s.evaluated)} structure measurements"]
     lines.append(
         f"{'structure':<16} {'n':>4} {'Dice mean':>9} {'median':>7} {'min':>6} "
-        f"{'HD95 mm mean':>12} {'median':>7} {'max':>7} {'|dVol| %':>9}"
+        f"{'HD95 mm mean':>12} {'median':>7} {'max':>7} {'no HD95':>7} {'|dVol| %':>9}"
     )
     for name, st in summary.items():
         lines.append(
             f"{name:<16} {st['n']:>4} {num(st['dice_mean'], 3):>9} {num(st['dice_median'], 3):>7} "
             f"{num(st['dice_min'], 3):>6} {num(st['hd95_mean'], 2):>12} {num(st['hd95_median'], 2):>7} "
-            f"{num(st['hd95_max'], 2):>7} {num(st['abs_vol_diff_pct_mean'], 1):>9}"
+            f"{num(st['hd95_max'], 2):>7} {st['hd95_undefined']:>7} {num(st['abs_vol_diff_pct_mean'], 1):>9}"
         )
     ranked = sorted((s for s in scores if s.evaluated and math.isfinite(s.dice)), key=lambda s: s.dice)[:worst]
     if ranked:
