@@ -191,6 +191,21 @@ def test_errors_are_one_line_with_documented_exit_codes(trained_server, tmp_path
     assert cli(trained_server.url, "status", "--bogus").returncode == 2
 
 
+def test_a_label_file_that_is_not_one_is_a_usage_error_and_nothing_is_stored(trained_server, tmp_path):
+    """The scan itself given as its label, a file no reader knows, and a broken .seg.nrrd: one line each, exit 2."""
+    before = datastore_json(trained_server.studies)
+    scan = trained_server.studies / "case_005.nii.gz"
+    garbage = tmp_path / "case_005_label.nii.gz"
+    garbage.write_bytes(b"not an image")
+    seg = tmp_path / "case_005.seg.nrrd"
+    seg.write_bytes(b"not a segmentation")
+    url = trained_server.url
+    one_line_error(cli(url, "submit", "case_005", str(scan)), 2, "case_005.nii.gz", "negative values", "the scan")
+    one_line_error(cli(url, "submit", "case_005", str(garbage)), 2, "case_005_label.nii.gz", "not a readable image")
+    one_line_error(cli(url, "submit", "case_005", str(seg)), 2, "case_005.seg.nrrd", "NRRD")
+    assert datastore_json(trained_server.studies) == before
+
+
 def test_server_option_overrides_the_environment(trained_server):
     res = subprocess.run(
         [sys.executable, "-m", "LabelLoopLib.cli", "status", "--server", trained_server.url],

@@ -8,8 +8,8 @@ The server is ``--server URL``, else the ``LABELLOOP_SERVER`` environment variab
 Exit codes:
   0  success
   1  the server refused a request or answered with an error, a task failed or was stopped, or the
-     command could not finish (e.g. a label map that cannot be read, a missing Python package)
-  2  usage error: bad arguments or a local file that does not exist
+     command could not finish (e.g. stored label maps that cannot be compared, a missing Python package)
+  2  usage error: bad arguments, a local file that does not exist, or a label file that is not one
   3  the server is not reachable
   4  finished, but some images failed (batch inference, evaluate)
   130  interrupted (Ctrl-C); a batch or training already started keeps running on the server
@@ -574,7 +574,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_INTERRUPTED
     except Exception as e:  # expected failures (evaluation, local files, a missing package): no traceback
         from LabelLoopLib.evaluation import EvaluationError
+        from LabelLoopLib.segio import SegmentationFileError
 
+        if isinstance(e, SegmentationFileError):  # the label file given is not one
+            _err(f"labelloop {args.command}: error: {e}")
+            return EXIT_USAGE
         if isinstance(e, EvaluationError):
             _err(f"labelloop {args.command}: {e}")
             return EXIT_ERROR

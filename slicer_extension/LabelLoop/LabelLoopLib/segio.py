@@ -811,18 +811,24 @@ def read_image_geometry(path: Union[str, os.PathLike]) -> Tuple[Tuple[int, int, 
 
 
 def read_labelmap(path: Union[str, os.PathLike]) -> Tuple[np.ndarray, Geometry]:
-    """An integer label map file (NIfTI, NRRD, ...) as an (x, y, z) array and its geometry."""
+    """An integer label map file (NIfTI, NRRD, ...) as an (x, y, z) array and its geometry. A file that is not one
+    (unreadable, not 3D, or holding fractions or negative values, as a scan does) raises
+    :class:`SegmentationFileError` naming the file."""
     sitk = _sitk()
-    image = sitk.ReadImage(os.fspath(path))
+    name = os.path.basename(os.fspath(path))
+    try:
+        image = sitk.ReadImage(os.fspath(path))
+    except RuntimeError as e:
+        raise SegmentationFileError(f"{name}: not a readable image file") from e
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError(f"{os.path.basename(os.fspath(path))}: expected a 3D single-component label map")
+        raise SegmentationFileError(f"{name}: expected a 3D single-component label map")
     array = np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0))
     if np.issubdtype(array.dtype, np.floating):
         if not np.all(np.mod(array, 1) == 0):
-            raise ValueError(f"{os.path.basename(os.fspath(path))}: label map holds non-integer values")
+            raise SegmentationFileError(f"{name}: label map holds non-integer values")
         array = array.astype(np.int64)
     if array.size and int(array.min()) < 0:
-        raise ValueError(f"{os.path.basename(os.fspath(path))}: label map holds negative values")
+        raise SegmentationFileError(f"{name}: label map holds negative values (is it the scan, not its label?)")
     array = array.astype(_smallest_uint(int(array.max()) if array.size else 0))
     return array, Geometry.create(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
 
