@@ -24,6 +24,7 @@ from conftest import FAST_CONF, assert_same_geometry, datastore_json, snapshot, 
 from labelloop_app.synthetic import generate_sample_data, make_lesion_phantom
 from labelloop_app.uncertainty import MEASURES
 from LabelLoopLib.client import LabelLoopClient
+from LabelLoopLib.workflow import training_from_stats
 
 CLASSES = ["normal", "lesion"]
 CLS_CONF = {
@@ -222,6 +223,15 @@ def test_training_stats_have_every_metric_per_epoch(cls_trained):
         assert h["val_balanced_accuracy"] == pytest.approx((sens["normal"] + sens["lesion"]) / 2)
     model = cls_trained.server.info()["models"]["classification"]
     assert model["trained"] is True and len(model["model_version"]) == 12
+    # what the Slicer panel and `labelloop status` show of it: the last epoch's validation figures, no Dice
+    progress = training_from_stats(cls_trained.server.info()["train_stats"]["classification"], CLASSES)
+    last = stats["history"][-1]
+    assert progress.metrics == {
+        "val accuracy": last["val_accuracy"],
+        "val balanced accuracy": last["val_balanced_accuracy"],
+        "val ROC AUC": last["val_auc"],
+    }
+    assert progress.mean_dice is None and progress.scores() == [f"{k} {v:.3f}" for k, v in progress.metrics.items()]
 
 
 def test_inference_returns_a_distribution_version_and_uncertainty(cls_trained):

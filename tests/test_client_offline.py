@@ -353,6 +353,7 @@ def test_missing_train_task_is_none_not_an_error(responder):
 # ------------------------------------------------------------------------------------------------ info parsing
 
 
+LESION = {"type": "classification", "labels": ["normal", "lesion"]}
 INFO = {
     "name": "LabelLoop",
     "version": "0.1.0",
@@ -364,7 +365,7 @@ INFO = {
             "trained": True,
             "model_version": "abc",
         },
-        "lesion": {"type": "classification", "labels": ["normal", "lesion"]},
+        "lesion": LESION,
     },
     "trainers": {"segmentation": {}},
     "strategies": {"random": {}, "first": {}},
@@ -401,6 +402,38 @@ def test_info_parsing_labels_models_progress_and_metrics():
     assert progress.dice == {"liver": 0.8, "spleen": 0.4}
     assert [h["epoch"] for h in progress.history] == [1, 2]
     assert progress.history[0]["val_mean_dice"] == 0.3
+
+
+def test_a_classifier_s_progress_shows_its_accuracy_and_auc_not_a_dice():
+    stats = {
+        "epoch": 3,
+        "total_epochs": 30,
+        "loss": 0.5,
+        "best_metric": 1.0007,  # the trainer's own score, not a Dice
+        "train_accuracy": 0.9,
+        "val_accuracy": 0.75,
+        "val_balanced_accuracy": 0.625,
+        "val_auc": 0.8125,
+    }
+    progress = training_from_stats(stats, ["normal", "lesion"])
+    progress.state = "running"
+    assert progress.metrics == {"val accuracy": 0.75, "val balanced accuracy": 0.625, "val ROC AUC": 0.8125}
+    assert progress.summary() == (
+        "Running | epoch 3/30 | loss 0.5000 | val accuracy 0.750 | val balanced accuracy 0.625 | val ROC AUC 0.812"
+    )
+    # without a validation set, the training figures, named as such
+    train_only = training_from_stats({"epoch": 1, "train_accuracy": 0.5, "train_auc": 0.6})
+    assert train_only.metrics == {"train accuracy": 0.5, "train ROC AUC": 0.6}
+    info = ServerInfo.from_info(
+        {
+            **INFO,
+            "train_stats": {"lesion": stats},
+            "models": {**INFO["models"], "lesion": {**LESION, "model_version": "abc"}},
+        }
+    )
+    line = info.metrics_summary("lesion")
+    assert "Dice" not in line and "val ROC AUC 0.812" in line and "version abc" in line
+    assert training_from_stats(INFO["train_stats"]["segmentation"], ["liver", "spleen"]).metrics == {}
 
 
 def test_describe_error_is_written_for_people():

@@ -151,8 +151,7 @@ def cmd_status(client: LabelLoopClient, args: argparse.Namespace) -> int:
             parts.append(f"epoch {progress.epoch}/{progress.total_epochs}")
         if progress.loss is not None:
             parts.append(f"loss {progress.loss:.4f}")
-        if progress.mean_dice is not None:
-            parts.append(f"mean Dice {progress.mean_dice:.3f}")
+        parts += progress.scores()
         _out("Training    " + " | ".join(parts))
         if progress.dice:
             _out("            Dice: " + ", ".join(f"{k} {_fmt_float(v)}" for k, v in progress.dice.items()))
@@ -345,8 +344,7 @@ def cmd_train(client: LabelLoopClient, args: argparse.Namespace) -> int:
             post = []
             if progress.loss is not None:
                 post.append(f"loss {progress.loss:.4f}")
-            if progress.mean_dice is not None:
-                post.append(f"Dice {progress.mean_dice:.3f}")
+            post += progress.scores()
             bar.set_postfix_str(", ".join(post))
             bar.refresh()
             if not progress.running:

@@ -440,8 +440,10 @@ class TrainingProgress:
     """A snapshot of training: the task's state plus the latest epoch statistics of the current run.
 
     ``state`` is ``idle`` (no task yet), ``running``, ``done``, ``failed`` or ``stopped``. ``dice`` holds the
-    per-structure Dice (validation when there is a validation set, else training); ``history`` is one entry per
-    finished epoch (``epoch``, ``loss``, ``train_mean_dice``, ``val_mean_dice``) for a learning curve.
+    per-structure Dice (validation when there is a validation set, else training); ``metrics`` a classification
+    trainer's accuracy, balanced accuracy and ROC AUC, named with the set they were measured on
+    (``val accuracy``); ``history`` is one entry per finished epoch (``epoch``, ``loss``, ``train_mean_dice``,
+    ``val_mean_dice``) for a learning curve.
     """
 
     state: str = "idle"
@@ -450,6 +452,7 @@ class TrainingProgress:
     loss: Optional[float] = None
     mean_dice: Optional[float] = None
     dice: Dict[str, Optional[float]] = field(default_factory=dict)
+    metrics: Dict[str, float] = field(default_factory=dict)
     best_metric: Optional[float] = None
     history: List[Dict[str, Any]] = field(default_factory=list)
     details: List[str] = field(default_factory=list)
@@ -465,6 +468,12 @@ class TrainingProgress:
     def fraction(self) -> float:
         return min(1.0, self.epoch / self.total_epochs) if self.total_epochs else 0.0
 
+    def scores(self) -> List[str]:
+        """How good the run's model is, in words: its mean Dice, or a classifier's accuracy, balanced accuracy and
+        ROC AUC."""
+        dice = [f"mean Dice {self.mean_dice:.3f}"] if self.mean_dice is not None else []
+        return dice + [f"{name} {value:.3f}" for name, value in self.metrics.items()]
+
     def summary(self) -> str:
         if self.state == "idle":
             return "No training yet"
@@ -473,8 +482,7 @@ class TrainingProgress:
             parts.append(f"epoch {self.epoch}/{self.total_epochs}")
         if self.loss is not None:
             parts.append(f"loss {self.loss:.4f}")
-        if self.mean_dice is not None:
-            parts.append(f"mean Dice {self.mean_dice:.3f}")
+        parts += self.scores()
         if self.state == "failed" and self.details:
             parts.append(self.details[-1])
         return " | ".join(parts)
@@ -542,6 +550,8 @@ class ServerInfo:
             return f"{name}: not trained yet"
         progress = training_from_stats(self.train_stats.get(name, {}), list(m.labels))
         parts = [f"{name}" + (f" (version {m.model_version})" if m.model_version else "")]
+        if progress.metrics:  # a classifier: its best_metric is a score of its own, not a Dice
+            return " | ".join(parts + progress.scores())
         if progress.best_metric is not None:
             parts.append(f"best Dice {progress.best_metric:.3f}")
         if progress.dice:
@@ -557,6 +567,10 @@ def _float(value: Any) -> Optional[float]:
         return out if out == out else None  # NaN -> None
     except (TypeError, ValueError):
         return None
+
+
+CLASSIFICATION_METRICS = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("auc", "ROC AUC"))
+"""The image-level metrics of a classification trainer's stats shown with its progress: stats key, name."""
 
 
 def training_from_stats(stats: Mapping[str, Any], label_names: Sequence[str] = ()) -> TrainingProgress:
@@ -587,6 +601,11 @@ def training_from_stats(stats: Mapping[str, Any], label_names: Sequence[str] = (
             mean = _float(metrics.get("val_mean_dice") or metrics.get("train_mean_dice"))
     progress.mean_dice = mean
     progress.dice = {str(k): _float(v) for k, v in (dice or {}).items()}
+    measured = "val" if any(f"val_{key}" in stats for key, _ in CLASSIFICATION_METRICS) else "train"
+    for key, name in CLASSIFICATION_METRICS:
+        value = _float(stats.get(f"{measured}_{key}"))
+        if value is not None:
+            progress.metrics[f"{measured} {name}"] = value
     history = []
     for entry in stats.get("history") or []:
         if isinstance(entry, Mapping):
