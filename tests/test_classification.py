@@ -24,7 +24,7 @@ from conftest import FAST_CONF, assert_same_geometry, datastore_json, snapshot, 
 from labelloop_app.synthetic import generate_sample_data, make_lesion_phantom
 from labelloop_app.uncertainty import MEASURES
 from LabelLoopLib.client import LabelLoopClient
-from LabelLoopLib.workflow import training_from_stats
+from LabelLoopLib.workflow import curve_columns, training_from_stats
 
 CLASSES = ["normal", "lesion"]
 CLS_CONF = {
@@ -232,6 +232,8 @@ def test_training_stats_have_every_metric_per_epoch(cls_trained):
         "val ROC AUC": last["val_auc"],
     }
     assert progress.mean_dice is None and progress.scores() == [f"{k} {v:.3f}" for k, v in progress.metrics.items()]
+    assert curve_columns(progress.history) == ["loss", "train_auc", "val_auc", "val_balanced_accuracy"]
+    assert [e["val_auc"] for e in progress.history] == [h["val_auc"] for h in stats["history"]]
 
 
 def test_inference_returns_a_distribution_version_and_uncertainty(cls_trained):

@@ -32,6 +32,8 @@ from LabelLoopLib.workflow import (
     JobRunner,
     JobState,
     ServerInfo,
+    curve_axis_title,
+    curve_columns,
     describe_error,
     parse_classification,
     parse_history,
@@ -434,6 +436,23 @@ def test_a_classifier_s_progress_shows_its_accuracy_and_auc_not_a_dice():
     line = info.metrics_summary("lesion")
     assert "Dice" not in line and "val ROC AUC 0.812" in line and "version abc" in line
     assert training_from_stats(INFO["train_stats"]["segmentation"], ["liver", "spleen"]).metrics == {}
+
+
+def test_the_learning_curve_plots_what_the_trainer_records():
+    segmentation = training_from_stats(INFO["train_stats"]["segmentation"], ["liver", "spleen"]).history
+    assert curve_columns(segmentation) == ["loss", "train_mean_dice", "val_mean_dice"]
+    assert curve_axis_title(curve_columns(segmentation)) == "loss / Dice"
+    history = [
+        {"epoch": 1, "loss": 0.7, "train_auc": 0.6, "val_auc": 0.55, "val_balanced_accuracy": 0.5, "seconds": 2},
+        {"epoch": 2, "loss": 0.6, "train_auc": 0.7, "val_auc": None, "val_balanced_accuracy": 0.6, "seconds": 2},
+    ]
+    classifier = training_from_stats({"epoch": 2, "history": history}).history
+    assert curve_columns(classifier) == ["loss", "train_auc", "val_auc", "val_balanced_accuracy"]
+    assert [e["val_auc"] for e in classifier] == [0.55, None] and "seconds" not in classifier[0]
+    assert curve_axis_title(curve_columns(classifier)) == "loss / ROC AUC, balanced accuracy"
+    assert curve_columns([{"epoch": 1, "loss": 0.5}]) == ["loss"] and curve_axis_title(["loss"]) == "loss"
+    # a validation set of one class has no AUC: the column stays, as a gap, so the chart is not rebuilt later
+    assert curve_columns([{"epoch": 1, "loss": 0.5, "train_auc": 0.6}]) == curve_columns(classifier)
 
 
 def test_describe_error_is_written_for_people():

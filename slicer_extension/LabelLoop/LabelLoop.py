@@ -44,6 +44,8 @@ from LabelLoopLib.workflow import (
     ServerInfo,
     SubmitResult,
     TrainingProgress,
+    curve_axis_title,
+    curve_columns,
     default_cache_dir,
     describe_error,
     finding_from_ras,
@@ -677,6 +679,7 @@ class LabelLoopLogic(ScriptedLoadableModuleLogic):
         self.segmentationNode = None
         self.curveTableNode = None
         self.curveChartNode = None
+        self.curveSeriesNodes: List[Any] = []
 
     @staticmethod
     def findingsFromPoints(pointListNode, radiusMm: float) -> Optional[List[Dict[str, Any]]]:
@@ -752,6 +755,7 @@ class LabelLoopLogic(ScriptedLoadableModuleLogic):
         self.segmentationNode = None
         self.curveTableNode = None
         self.curveChartNode = None
+        self.curveSeriesNodes = []
 
     def _removeNode(self, node) -> None:
         if node is not None and slicer.mrmlScene.IsNodePresent(node):
@@ -805,24 +809,38 @@ class LabelLoopLogic(ScriptedLoadableModuleLogic):
             self.curveTableNode.RemoveAllColumns()
 
     def updateLearningCurve(self, history: List[Dict[str, Any]]) -> None:
-        """Put loss and mean Dice per epoch in a table node plotted by a chart node."""
-        columns = ["epoch", "loss", "train_mean_dice", "val_mean_dice"]
+        """Put the loss and the trainer's metrics (mean Dice, or ROC AUC and balanced accuracy) per epoch in a table
+        node plotted by a chart node; a trainer that records other metrics gets a new chart."""
+        columns = ["epoch", *curve_columns(history)]
         arrays = [np.array([np.nan if e.get(c) is None else float(e[c]) for e in history]) for c in columns]
+        chart = self.curveChartNode
+        if (
+            chart is not None
+            and slicer.mrmlScene.IsNodePresent(chart)
+            and chart.GetAttribute("columns") != ",".join(columns)
+        ):
+            for node in [chart, *self.curveSeriesNodes, self.curveTableNode]:
+                self._removeNode(node)
+            self.curveChartNode, self.curveSeriesNodes, self.curveTableNode = None, [], None
         if self.curveTableNode is None or not slicer.mrmlScene.IsNodePresent(self.curveTableNode):
             self.curveTableNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", "LabelLoop training")
             self.curveChartNode = None
         slicer.util.updateTableFromArray(self.curveTableNode, arrays, columns)
         if self.curveChartNode is None or not slicer.mrmlScene.IsNodePresent(self.curveChartNode):
             self.curveChartNode = self._createChart(self.curveTableNode, columns[1:])
+            self.curveChartNode.SetAttribute("columns", ",".join(columns))
 
     def _createChart(self, tableNode, columns: List[str]):
         chart = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotChartNode", "LabelLoop learning curve")
         chart.SetTitle("Training")
         chart.SetXAxisTitle("epoch")
-        chart.SetYAxisTitle("loss / Dice")
+        chart.SetYAxisTitle(curve_axis_title(columns))
         palette = {"loss": (0.85, 0.33, 0.1), "train_mean_dice": (0.47, 0.67, 0.19), "val_mean_dice": (0.0, 0.45, 0.74)}
+        palette.update({"train_auc": palette["train_mean_dice"], "val_auc": palette["val_mean_dice"]})
+        self.curveSeriesNodes = []
         for column in columns:
             series = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", column)
+            self.curveSeriesNodes.append(series)
             series.SetAndObserveTableNodeID(tableNode.GetID())
             series.SetXColumnName("epoch")
             series.SetYColumnName(column)
@@ -880,6 +898,8 @@ class LabelLoopTest(ScriptedLoadableModuleTest):
         self.test_seg_nrrd_round_trip_through_slicer()
         self.setUp()
         self.test_job_runner()
+        self.setUp()
+        self.test_learning_curve_follows_the_trainer()
 
     def test_seg_nrrd_round_trip_through_slicer(self) -> None:
         self.delayDisplay("Segmentation file round trip through Slicer")
@@ -923,6 +943,21 @@ class LabelLoopTest(ScriptedLoadableModuleTest):
         runner.poll()
         self.assertEqual(results, [49])
         self.delayDisplay("Job runner passed")
+
+    def test_learning_curve_follows_the_trainer(self) -> None:
+        self.delayDisplay("Learning curve of a segmentation, then of a classification trainer")
+        logic = LabelLoopLogic()
+        logic.updateLearningCurve([{"epoch": 1, "loss": 0.9, "val_mean_dice": 0.3}])
+        logic.updateLearningCurve([{"epoch": 1, "loss": 0.9, "val_mean_dice": 0.3}, {"epoch": 2, "val_mean_dice": 0.5}])
+        first = logic.curveChartNode
+        self.assertEqual(first.GetYAxisTitle(), "loss / Dice")
+        self.assertEqual(logic.curveTableNode.GetNumberOfRows(), 2)
+        logic.updateLearningCurve([{"epoch": 1, "loss": 0.6, "val_auc": 0.7, "val_balanced_accuracy": 0.6}])
+        self.assertFalse(slicer.mrmlScene.IsNodePresent(first))
+        self.assertEqual(logic.curveChartNode.GetYAxisTitle(), "loss / ROC AUC, balanced accuracy")
+        self.assertEqual(len(logic.curveSeriesNodes), 3)
+        self.assertEqual(logic.curveTableNode.GetNumberOfColumns(), 4)
+        self.delayDisplay("Learning curve passed")
 
 
 __all__ = ["LabelLoop", "LabelLoopLogic", "LabelLoopTest", "LabelLoopWidget"]

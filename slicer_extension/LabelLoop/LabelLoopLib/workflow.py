@@ -606,19 +606,37 @@ def training_from_stats(stats: Mapping[str, Any], label_names: Sequence[str] = (
         value = _float(stats.get(f"{measured}_{key}"))
         if value is not None:
             progress.metrics[f"{measured} {name}"] = value
-    history = []
-    for entry in stats.get("history") or []:
-        if isinstance(entry, Mapping):
-            history.append(
-                {
-                    "epoch": int(entry.get("epoch") or 0),
-                    "loss": _float(entry.get("loss")),
-                    "train_mean_dice": _float(entry.get("train_mean_dice")),
-                    "val_mean_dice": _float(entry.get("val_mean_dice")),
-                }
-            )
-    progress.history = history
+    progress.history = [
+        {"epoch": int(entry.get("epoch") or 0), **{c: _float(entry.get(c)) for c in CURVE_COLUMNS}}
+        for entry in stats.get("history") or []
+        if isinstance(entry, Mapping)
+    ]
     return progress
+
+
+SEGMENTATION_CURVE = ("loss", "train_mean_dice", "val_mean_dice")
+CLASSIFICATION_CURVE = ("loss", "train_auc", "val_auc", "val_balanced_accuracy")
+CURVE_COLUMNS = tuple(dict.fromkeys(SEGMENTATION_CURVE + CLASSIFICATION_CURVE))
+"""What a learning curve can plot per epoch: the loss, a segmentation trainer's mean Dice, a classifier's ROC AUC
+and balanced accuracy."""
+
+
+def curve_columns(history: Sequence[Mapping[str, Any]]) -> List[str]:
+    """The learning curve's columns for ``history`` (:attr:`TrainingProgress.history`): a segmentation trainer's or
+    a classifier's, by the metrics it records. They stay the same all through a run, also while an epoch's metric is
+    undefined (a gap in the curve), so that a chart already shown is not replaced."""
+    recorded = {c for c in CURVE_COLUMNS[1:] if any(entry.get(c) is not None for entry in history)}
+    for curve in (SEGMENTATION_CURVE, CLASSIFICATION_CURVE):
+        if recorded & set(curve):
+            return list(curve)
+    return ["loss"]
+
+
+def curve_axis_title(columns: Sequence[str]) -> str:
+    """The y axis of a learning curve of ``columns``: ``loss / Dice`` or ``loss / ROC AUC, balanced accuracy``."""
+    if any(c.endswith("mean_dice") for c in columns):
+        return "loss / Dice"
+    return "loss / ROC AUC, balanced accuracy" if len(columns) > 1 else "loss"
 
 
 _TASK_STATES = {"SUBMITTED": "running", "RUNNING": "running", "DONE": "done", "ERROR": "failed", "STOPPED": "stopped"}
@@ -1144,6 +1162,8 @@ __all__ = [
     "describe_error",
     "is_segmentation_file",
     "parse_classification",
+    "curve_axis_title",
+    "curve_columns",
     "parse_history",
     "serialize_history",
     "training_from_stats",
