@@ -955,8 +955,8 @@ class LabelLoopTest(ScriptedLoadableModuleTest):
         logic.updateLearningCurve([{"epoch": 1, "loss": 0.6, "val_auc": 0.7, "val_balanced_accuracy": 0.6}])
         self.assertFalse(slicer.mrmlScene.IsNodePresent(first))
         self.assertEqual(logic.curveChartNode.GetYAxisTitle(), "loss / ROC AUC, balanced accuracy")
-        self.assertEqual(len(logic.curveSeriesNodes), 3)
-        self.assertEqual(logic.curveTableNode.GetNumberOfColumns(), 4)
+        self.assertEqual(len(logic.curveSeriesNodes), 4)  # loss, train and val AUC, balanced accuracy
+        self.assertEqual(logic.curveTableNode.GetNumberOfColumns(), 5)
         self.delayDisplay("Learning curve passed")
 
 
