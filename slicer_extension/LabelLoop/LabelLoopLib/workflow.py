@@ -442,8 +442,8 @@ class TrainingProgress:
     ``state`` is ``idle`` (no task yet), ``running``, ``done``, ``failed`` or ``stopped``. ``dice`` holds the
     per-structure Dice (validation when there is a validation set, else training); ``metrics`` a classification
     trainer's accuracy, balanced accuracy and ROC AUC, named with the set they were measured on
-    (``val accuracy``); ``history`` is one entry per finished epoch (``epoch``, ``loss``, ``train_mean_dice``,
-    ``val_mean_dice``) for a learning curve.
+    (``val accuracy``); ``history`` is one entry per finished epoch (``epoch`` and the :data:`CURVE_COLUMNS`) for a
+    learning curve.
     """
 
     state: str = "idle"
