@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import LABELS, REPO, datastore_json
+from conftest import FAST_CONF, LABELS, REPO, datastore_json, make_studies, start_server, stop_server
 from labelloop_app.devserver import free_port
 
 CLI_CWD = REPO / "slicer_extension" / "LabelLoop"
@@ -216,3 +216,23 @@ def test_server_option_overrides_the_environment(trained_server):
         timeout=120,
     )
     assert f"Server      {trained_server.url}" in ok(res)
+
+
+def test_a_time_budget_alone_ends_the_run_and_progress_is_shown_in_time(tmp_path):
+    """``--minutes`` without ``--epochs``: the server lifts the epoch cap, so the budget ends the run (the stats say
+    ``until_budget``) and progress is counted in seconds; with ``--epochs`` too, whichever comes first ends it."""
+    studies = make_studies(tmp_path, n_labeled=2, n_unlabeled=0)
+    server = start_server(studies, tmp_path / "models", tmp_path / "server.log", {**FAST_CONF, "auto_scoring": "false"})
+    try:
+        out = ok(cli(server.url, "train", "--minutes", "0.2", "--wait", "--poll", "1", "--quiet"))
+        stats = server.info()["train_stats"]["segmentation"]
+        assert stats["until_budget"] is True and stats["max_minutes"] == 0.2
+        assert 1 <= stats["epoch"] < stats["total_epochs"], "the epoch cap ended the run, not the budget"
+        assert 12 <= stats["elapsed_seconds"] < 60
+        assert f"Done | epoch {stats['epoch']} | " in out and "/0.2 min" in out
+
+        ok(cli(server.url, "train", "--minutes", "5", "--epochs", "1", "--wait", "--poll", "1", "--quiet"))
+        stats = server.info()["train_stats"]["segmentation"]
+        assert stats["until_budget"] is False and (stats["epoch"], stats["total_epochs"]) == (1, 1)
+    finally:
+        stop_server(server)

@@ -455,6 +455,18 @@ def test_the_learning_curve_plots_what_the_trainer_records():
     assert curve_columns([{"epoch": 1, "loss": 0.5, "train_auc": 0.6}]) == curve_columns(classifier)
 
 
+def test_a_run_that_only_its_time_budget_ends_reports_its_progress_in_time():
+    stats = {"epoch": 171, "total_epochs": 10000, "loss": 0.4, "max_minutes": 10, "until_budget": True}
+    progress = training_from_stats({**stats, "elapsed_seconds": 450.0})
+    progress.state = "running"
+    assert progress.fraction == pytest.approx(0.75)
+    assert progress.summary() == "Running | epoch 171 | 7.5/10 min | loss 0.4000"
+    capped = training_from_stats({**stats, "total_epochs": 300, "until_budget": False, "elapsed_seconds": 60.0})
+    assert capped.fraction == pytest.approx(171 / 300) and capped.position() == ["epoch 171/300", "1.0/10 min"]
+    plain = training_from_stats({"epoch": 2, "total_epochs": 5})
+    assert plain.position() == ["epoch 2/5"] and plain.fraction == pytest.approx(0.4)
+
+
 def test_describe_error_is_written_for_people():
     assert "not reachable" in describe_error(ServerUnreachable("http://h:1", "connection refused"))
     assert describe_error(ServerError(409, "model 'segmentation' has not been trained yet")).startswith(

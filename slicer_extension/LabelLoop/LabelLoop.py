@@ -565,8 +565,15 @@ class LabelLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onTrainingProgress(self, progress: TrainingProgress) -> None:
         self._pollFailures = 0
-        self.ui.trainProgressBar.maximum = max(1, progress.total_epochs)
-        self.ui.trainProgressBar.value = min(progress.epoch, max(1, progress.total_epochs))
+        bar = self.ui.trainProgressBar
+        if progress.until_budget and progress.max_minutes > 0:  # only the time budget ends the run: seconds
+            bar.format = "%v/%m s"
+            bar.maximum = max(1, round(60 * progress.max_minutes))
+            bar.value = min(round(progress.elapsed_seconds or 0), bar.maximum)
+        else:
+            bar.format = "%v/%m"
+            bar.maximum = max(1, progress.total_epochs)
+            bar.value = min(progress.epoch, max(1, progress.total_epochs))
         self.ui.trainStatusLabel.text = progress.summary()
         table = self.ui.diceTableWidget
         rows = [(n, v) for n, v in progress.dice.items()]

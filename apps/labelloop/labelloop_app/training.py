@@ -207,13 +207,18 @@ def metrics_of(engine: Optional[Engine], prefix: str) -> Dict[str, float]:
     return {k[len(prefix) :] if k.startswith(prefix) else k: float(_scalar(v)) for k, v in engine.state.metrics.items()}
 
 
+EPOCHS_UNDER_A_BUDGET = 10000
+"""``max_epochs`` of a request that gives ``max_minutes`` alone: the time budget ends the run."""
+
+
 class LabelLoopTrainTask(BasicTrainTask):
     """What every LabelLoop trainer shares on top of MONAI Label's ``BasicTrainTask``.
 
     Fine-tuning from the model being served, AdamW with a polynomially decaying rate, an optional time budget
     (request ``max_minutes``), and a publisher that keeps a per-epoch history in the train stats and publishes the
     best model atomically. Subclasses give ``record`` (the history entry of an epoch) and ``stats_extra``.
-    Request parameters beyond MONAI Label's: ``learning_rate``, ``max_minutes``.
+    Request parameters beyond MONAI Label's: ``learning_rate``, ``max_minutes`` (with no ``max_epochs`` in the
+    request, the budget alone ends the run, and the stats say so with ``until_budget``).
     """
 
     default_lr = 2e-3
@@ -239,6 +244,11 @@ class LabelLoopTrainTask(BasicTrainTask):
             **kwargs,
         )
 
+    def __call__(self, request, datastore):
+        if float(request.get("max_minutes") or 0) > 0 and "max_epochs" not in request:
+            request = {**request, "max_epochs": EPOCHS_UNDER_A_BUDGET, "until_budget": True}
+        return super().__call__(request, datastore)
+
     def load_path(self, output_dir, pretrained=True):
         """Fine-tune from the model being served, when there is one."""
         return self._load_path if pretrained else None
@@ -260,7 +270,12 @@ class LabelLoopTrainTask(BasicTrainTask):
 
     def stats_extra(self, context: Context) -> Dict[str, Any]:
         """Fields added to the train stats besides the history."""
-        return {"train_images": len(context.train_datalist), "val_images": len(context.val_datalist)}
+        return {
+            "train_images": len(context.train_datalist),
+            "val_images": len(context.val_datalist),
+            "max_minutes": float(context.request.get("max_minutes") or 0),
+            "until_budget": bool(context.request.get("until_budget")),
+        }
 
     def finalize(self, context: Context):
         """Attach the publisher with per-epoch history (replacing MONAI Label's), the rate decay and the budget."""

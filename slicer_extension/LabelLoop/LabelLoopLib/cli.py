@@ -146,9 +146,7 @@ def cmd_status(client: LabelLoopClient, args: argparse.Namespace) -> int:
         if not progress.total_epochs and not status:
             _out(f"Training    {name}: no training yet")
             continue
-        parts = [f"{name}: {status.lower() or 'last run'}"]
-        if progress.total_epochs:
-            parts.append(f"epoch {progress.epoch}/{progress.total_epochs}")
+        parts = [f"{name}: {status.lower() or 'last run'}", *progress.position()]
         if progress.loss is not None:
             parts.append(f"loss {progress.loss:.4f}")
         parts += progress.scores()
@@ -338,10 +336,15 @@ def cmd_train(client: LabelLoopClient, args: argparse.Namespace) -> int:
     try:
         while True:
             progress = session.poll_training(model)
-            if progress.total_epochs:
-                bar.total = progress.total_epochs
-            bar.n = progress.epoch
-            post = []
+            if progress.until_budget and progress.max_minutes > 0:  # only the time budget ends it: a bar of seconds
+                bar.unit, bar.total = "s", round(60 * progress.max_minutes)
+                bar.n = min(round(progress.elapsed_seconds or 0), bar.total)
+                post = [f"epoch {progress.epoch}"]
+            else:
+                if progress.total_epochs:
+                    bar.total = progress.total_epochs
+                bar.n = progress.epoch
+                post = []
             if progress.loss is not None:
                 post.append(f"loss {progress.loss:.4f}")
             post += progress.scores()
@@ -511,7 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("train", "start training (fine-tunes the served model; the new one is served when published)")
     p.add_argument("--model", help="train task (default: the server's first)")
     p.add_argument("--epochs", type=int, help="max_epochs")
-    p.add_argument("--minutes", type=float, help="time budget (max_minutes)")
+    p.add_argument(
+        "--minutes", type=float, help="time budget (max_minutes); without --epochs the budget alone ends the run"
+    )
     p.add_argument("--param", action="append", metavar="KEY=VALUE", help="extra training parameter (repeatable)")
     p.add_argument("--wait", action="store_true", help="show a progress bar per epoch and wait for the end")
     p.add_argument("--poll", type=float, default=2.0, help="seconds between progress checks (default: 2)")

@@ -453,6 +453,9 @@ class TrainingProgress:
     mean_dice: Optional[float] = None
     dice: Dict[str, Optional[float]] = field(default_factory=dict)
     metrics: Dict[str, float] = field(default_factory=dict)
+    max_minutes: float = 0.0
+    elapsed_seconds: Optional[float] = None
+    until_budget: bool = False
     best_metric: Optional[float] = None
     history: List[Dict[str, Any]] = field(default_factory=list)
     details: List[str] = field(default_factory=list)
@@ -466,7 +469,20 @@ class TrainingProgress:
 
     @property
     def fraction(self) -> float:
+        """How far the run is: by its time budget when only that ends it, else by its epochs."""
+        if self.until_budget and self.max_minutes > 0:
+            return min(1.0, (self.elapsed_seconds or 0.0) / (60.0 * self.max_minutes))
         return min(1.0, self.epoch / self.total_epochs) if self.total_epochs else 0.0
+
+    def position(self) -> List[str]:
+        """Where the run is, in words: ``epoch 5/30``, or ``epoch 171`` when only the time budget ends it, then
+        ``9.8/10 min`` when it has one."""
+        parts = []
+        if self.total_epochs:
+            parts.append(f"epoch {self.epoch}" if self.until_budget else f"epoch {self.epoch}/{self.total_epochs}")
+        if self.max_minutes > 0 and self.elapsed_seconds is not None:
+            parts.append(f"{self.elapsed_seconds / 60:.1f}/{self.max_minutes:g} min")
+        return parts
 
     def scores(self) -> List[str]:
         """How good the run's model is, in words: its mean Dice, or a classifier's accuracy, balanced accuracy and
@@ -477,9 +493,7 @@ class TrainingProgress:
     def summary(self) -> str:
         if self.state == "idle":
             return "No training yet"
-        parts = [self.state.capitalize()]
-        if self.total_epochs:
-            parts.append(f"epoch {self.epoch}/{self.total_epochs}")
+        parts = [self.state.capitalize(), *self.position()]
         if self.loss is not None:
             parts.append(f"loss {self.loss:.4f}")
         parts += self.scores()
@@ -583,6 +597,9 @@ def training_from_stats(stats: Mapping[str, Any], label_names: Sequence[str] = (
     progress.epoch = int(stats.get("epoch") or stats.get("current_epoch") or 0)
     progress.total_epochs = int(stats.get("total_epochs") or stats.get("max_epochs") or 0)
     progress.loss = _float(stats.get("loss"))
+    progress.max_minutes = _float(stats.get("max_minutes")) or 0.0
+    progress.elapsed_seconds = _float(stats.get("elapsed_seconds"))
+    progress.until_budget = bool(stats.get("until_budget"))
     progress.best_metric = _float(stats.get("best_metric"))
     progress.run_id = str(stats.get("run_id") or "")
     mean = _float(stats.get("val_mean_dice"))
