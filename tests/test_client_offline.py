@@ -436,6 +436,12 @@ def test_a_classifier_s_progress_shows_its_accuracy_and_auc_not_a_dice():
     line = info.metrics_summary("lesion")
     assert "Dice" not in line and "val ROC AUC 0.812" in line and "version abc" in line
     assert training_from_stats(INFO["train_stats"]["segmentation"], ["liver", "spleen"]).metrics == {}
+    assert progress.table() == (
+        ["Metric", "Value"],
+        [("val accuracy", 0.75), ("val balanced accuracy", 0.625), ("val ROC AUC", 0.8125)],
+    )
+    segmentation = training_from_stats(INFO["train_stats"]["segmentation"], ["liver", "spleen"])
+    assert segmentation.table() == (["Structure", "Dice"], [("liver", 0.8), ("spleen", 0.4)])
 
 
 def test_the_learning_curve_plots_what_the_trainer_records():

@@ -576,7 +576,8 @@ class LabelLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             bar.value = min(progress.epoch, max(1, progress.total_epochs))
         self.ui.trainStatusLabel.text = progress.summary()
         table = self.ui.diceTableWidget
-        rows = [(n, v) for n, v in progress.dice.items()]
+        headers, rows = progress.table()
+        table.setHorizontalHeaderLabels(headers)
         table.setRowCount(len(rows))
         for row, (name, value) in enumerate(rows):
             table.setItem(row, 0, qt.QTableWidgetItem(name))

@@ -490,6 +490,12 @@ class TrainingProgress:
         dice = [f"mean Dice {self.mean_dice:.3f}"] if self.mean_dice is not None else []
         return dice + [f"{name} {value:.3f}" for name, value in self.metrics.items()]
 
+    def table(self) -> Tuple[List[str], List[Tuple[str, Optional[float]]]]:
+        """The panel's table of the run: its headers and rows, Dice per structure or a classifier's metrics."""
+        if self.metrics and not self.dice:
+            return ["Metric", "Value"], [(name, value) for name, value in self.metrics.items()]
+        return ["Structure", "Dice"], list(self.dice.items())
+
     def summary(self) -> str:
         if self.state == "idle":
             return "No training yet"
