@@ -38,6 +38,7 @@ from LabelLoopLib.workflow import (
     parse_classification,
     parse_history,
     serialize_history,
+    train_params,
     training_from_stats,
     update_history,
 )
@@ -471,6 +472,13 @@ def test_a_run_that_only_its_time_budget_ends_reports_its_progress_in_time():
     assert capped.fraction == pytest.approx(171 / 300) and capped.position() == ["epoch 171/300", "1.0/10 min"]
     plain = training_from_stats({"epoch": 2, "total_epochs": 5})
     assert plain.position() == ["epoch 2/5"] and plain.fraction == pytest.approx(0.4)
+
+
+def test_the_panel_s_training_fields_make_the_request():
+    assert train_params() == {} and train_params(0, 0.0) == {}
+    assert train_params(30) == {"max_epochs": 30}
+    assert train_params(0, 10) == {"max_minutes": 10.0}
+    assert train_params(200, 2.5) == {"max_epochs": 200, "max_minutes": 2.5}
 
 
 def test_describe_error_is_written_for_people():

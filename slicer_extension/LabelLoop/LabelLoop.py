@@ -51,6 +51,7 @@ from LabelLoopLib.workflow import (
     finding_from_ras,
     parse_history,
     serialize_history,
+    train_params,
     training_from_stats,
     update_history,
 )
@@ -539,8 +540,7 @@ class LabelLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onTrain(self) -> None:
         if not self.ensureConnected():
             return
-        epochs = int(self.ui.maxEpochsSpinBox.value)
-        params: Dict[str, Any] = {"max_epochs": epochs} if epochs > 0 else {}
+        params = train_params(int(self.ui.maxEpochsSpinBox.value), float(self.ui.maxMinutesSpinBox.value))
         session = self.logic.session
 
         def started(result: Any) -> None:

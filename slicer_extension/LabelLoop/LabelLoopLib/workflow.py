@@ -589,6 +589,17 @@ def _float(value: Any) -> Optional[float]:
         return None
 
 
+def train_params(epochs: int = 0, minutes: float = 0.0) -> Dict[str, Any]:
+    """A training request from the panel's fields, 0 meaning unset: ``max_epochs`` and ``max_minutes``. With minutes
+    alone the server trains until the budget ends; with both, whichever comes first ends the run."""
+    params: Dict[str, Any] = {}
+    if epochs > 0:
+        params["max_epochs"] = int(epochs)
+    if minutes > 0:
+        params["max_minutes"] = float(minutes)
+    return params
+
+
 CLASSIFICATION_METRICS = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("auc", "ROC AUC"))
 """The image-level metrics of a classification trainer's stats shown with its progress: stats key, name."""
 
@@ -1189,6 +1200,7 @@ __all__ = [
     "curve_columns",
     "parse_history",
     "serialize_history",
+    "train_params",
     "training_from_stats",
     "update_history",
 ]
