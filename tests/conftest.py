@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
@@ -145,3 +146,15 @@ def label_values(path: Path) -> List[int]:
     import numpy as np
 
     return np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))).tolist()
+
+
+def run_cli(server_url: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``labelloop ARGS`` (``python -m LabelLoopLib.cli``) against the server at ``server_url``."""
+    return subprocess.run(
+        [sys.executable, "-m", "LabelLoopLib.cli", *args],
+        cwd=REPO / "slicer_extension" / "LabelLoop",
+        env=dict(os.environ, LABELLOOP_SERVER=server_url),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAST_CONF, SMALL, datastore_json, start_server, stop_server, write_case
+from conftest import FAST_CONF, SMALL, datastore_json, run_cli, start_server, stop_server, write_case
 from labelloop_app.activelearning.config import FEATURES, ActiveLearningConf
 from labelloop_app.activelearning.leases import LeaseBook
 from labelloop_app.activelearning.manager import ActiveLearning
@@ -37,6 +37,8 @@ from labelloop_app.class_labels import ClassLabelCheck
 from labelloop_app.conf import ConfError
 from labelloop_app.datastore import LabelLoopDatastore
 from labelloop_app.model_file import ModelFile
+from LabelLoopLib.client import LabelLoopClient
+from LabelLoopLib.workflow import queue_table
 
 pytestmark = pytest.mark.server
 
@@ -119,6 +121,10 @@ def test_without_a_model_uncertainty_strategies_fall_back_to_random_and_say_so(a
         assert answer["model_version"] is None and answer["current_model_version"] is None
         assert answer["lease"]["client_id"] == "alice"
     release(al, answer["id"], "alice")
+    out = run_cli(al.url, "next", "--strategy", "entropy")  # the command line says so too, beside the id
+    assert out.returncode == 0 and out.stdout.strip() in unlabeled, out.stderr
+    assert out.stderr.strip() == "entropy fell back to random: no trained model yet"
+    assert al.delete(f"/labelloop/lease?image={out.stdout.strip()}").status_code == 200
 
     queue = al.get("/labelloop/queue?strategy=hybrid&k=3").json()
     assert queue["fallback"] == "random" and queue["reason"] == "no trained model yet"
@@ -266,6 +272,18 @@ def test_queue_ranks_unlabeled_images_with_scores_versions_and_leases(al):
 
     r = al.get("/labelloop/queue?strategy=nope")
     assert r.status_code == 404 and "unknown strategy 'nope'" in r.json()["detail"]
+
+    # the same queue for the Slicer panel (the client and queue_table) and on the command line
+    rows, line = queue_table(LabelLoopClient(al.url).queue("entropy", 3))
+    assert line.startswith(f"entropy queue, model {version}: {N_UNLABELED - 1} of {N_UNLABELED} unlabeled")
+    assert [row[:2] for row in rows] == [[str(x["rank"]), x["id"]] for x in queue["items"]] + [["leased", held["id"]]]
+    assert rows[0][2] == f"entropy {queue['items'][0]['score']:.4g}" and rows[-1][4].startswith("carol, ")
+    out = run_cli(al.url, "queue", "--strategy", "entropy", "-k", "3")
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    listed = [ln.split()[:2] for ln in out.stdout.splitlines()[2:]]
+    assert listed == [row[:2] for row in rows]
+    bad = run_cli(al.url, "queue", "--strategy", "nope")
+    assert bad.returncode == 1 and "unknown strategy 'nope'" in bad.stderr
     release(al, held["id"], "carol")
 
 

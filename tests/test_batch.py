@@ -5,10 +5,8 @@ served while a batch runs."""
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +17,7 @@ import pytest
 import requests
 import SimpleITK as sitk
 
-from conftest import FAST_CONF, REPO, SMALL, assert_same_geometry, datastore_json, snapshot, write_case
+from conftest import FAST_CONF, SMALL, assert_same_geometry, datastore_json, run_cli, snapshot, write_case
 from labelloop_app.datastore import SegmentationLabelCheck
 from labelloop_app.devserver import Server, start_server, stop_server
 from labelloop_app.errors import UnprocessableInput
@@ -60,15 +58,7 @@ def wait_until(predicate, server: Server, timeout: float = 60) -> dict:
 
 
 def cli(server: Server, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, LABELLOOP_SERVER=server.url)
-    return subprocess.run(
-        [sys.executable, "-m", "LabelLoopLib.cli", *args],
-        cwd=REPO / "slicer_extension" / "LabelLoop",
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_cli(server.url, *args, timeout=timeout)
 
 
 # --- the session server (trained) --------------------------------------------------------------------------

@@ -17,22 +17,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import FAST_CONF, LABELS, REPO, datastore_json, make_studies, start_server, stop_server
+from conftest import FAST_CONF, LABELS, REPO, datastore_json, make_studies, run_cli, start_server, stop_server
 from labelloop_app.devserver import free_port
 
 CLI_CWD = REPO / "slicer_extension" / "LabelLoop"
 
 
 def cli(server_url: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, LABELLOOP_SERVER=server_url)
-    return subprocess.run(
-        [sys.executable, "-m", "LabelLoopLib.cli", *args],
-        cwd=CLI_CWD,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_cli(server_url, *args, timeout=timeout)
 
 
 def ok(res: subprocess.CompletedProcess) -> str:
@@ -189,6 +181,21 @@ def test_errors_are_one_line_with_documented_exit_codes(trained_server, tmp_path
     one_line_error(cli(trained_server.url, "batch-infer", "--images", "all", "case_000"), 2, "not both")
     one_line_error(cli(trained_server.url, "evaluate", "--pred-tag", "final"), 2, "must differ")
     assert cli(trained_server.url, "status", "--bogus").returncode == 2
+
+
+def test_output_to_a_reader_that_stopped_ends_quietly(trained_server):
+    """``labelloop status | head -1``: the reader closes the pipe before the command has written; no error."""
+    env = dict(os.environ, LABELLOOP_SERVER=trained_server.url)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "LabelLoopLib.cli", "status"],
+        cwd=CLI_CWD,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    p.stdout.close()
+    assert p.wait(timeout=120) == 0
+    assert p.stderr.read() == b""
 
 
 def test_a_label_file_that_is_not_one_is_a_usage_error_and_nothing_is_stored(trained_server, tmp_path):

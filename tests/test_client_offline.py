@@ -28,6 +28,7 @@ from LabelLoopLib.client import (
     parse_multipart,
 )
 from LabelLoopLib.workflow import (
+    QUEUE_HEADERS,
     JobBusy,
     JobRunner,
     JobState,
@@ -37,6 +38,7 @@ from LabelLoopLib.workflow import (
     describe_error,
     parse_classification,
     parse_history,
+    queue_table,
     serialize_history,
     train_params,
     training_from_stats,
@@ -479,6 +481,34 @@ def test_the_panel_s_training_fields_make_the_request():
     assert train_params(30) == {"max_epochs": 30}
     assert train_params(0, 10) == {"max_minutes": 10.0}
     assert train_params(200, 2.5) == {"max_epochs": 200, "max_minutes": 2.5}
+
+
+def test_the_queue_reads_as_a_table_with_what_it_is_and_any_fallback():
+    answer = {
+        "strategy": "entropy",
+        "current_model_version": "abc123",
+        "unlabeled": 9,
+        "available": 8,
+        "items": [
+            {"rank": 1, "id": "case_3", "score": 0.123456, "score_name": "entropy", "model_version": "abc123"},
+            {"rank": 2, "id": "case_7", "score": None, "score_name": None, "model_version": None},
+        ],
+        "leased": [{"id": "case_1", "lease": {"client_id": "ann", "expires_in": 1500.0}, "scores": {}}],
+    }
+    rows, line = queue_table(answer)
+    assert QUEUE_HEADERS == ["#", "image", "score", "model", "lease"]
+    assert rows == [
+        ["1", "case_3", "entropy 0.1235", "abc123", ""],
+        ["2", "case_7", "-", "-", ""],
+        ["leased", "case_1", "-", "-", "ann, 25 min left"],
+    ]
+    assert line == "entropy queue, model abc123: 8 of 9 unlabeled images available"
+    _, fallback = queue_table(
+        {**answer, "current_model_version": None, "fallback": "random", "reason": "no trained model yet"}
+    )
+    assert fallback == (
+        "entropy queue, model none yet: 8 of 9 unlabeled images available; falls back to random: no trained model yet"
+    )
 
 
 def test_describe_error_is_written_for_people():

@@ -32,6 +32,7 @@ from slicer.util import VTKObservationMixin
 from LabelLoopLib import colors as llcolors
 from LabelLoopLib.client import LabelLoopClient, normalize_url
 from LabelLoopLib.workflow import (
+    QUEUE_HEADERS,
     AnnotationSession,
     AutoSegmentation,
     BatchProgress,
@@ -50,6 +51,7 @@ from LabelLoopLib.workflow import (
     describe_error,
     finding_from_ras,
     parse_history,
+    queue_table,
     serialize_history,
     train_params,
     training_from_stats,
@@ -127,9 +129,11 @@ class LabelLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.batchImagesComboBox.addItems(["unlabeled", "all"])
         self.ui.classTableWidget.setHorizontalHeaderLabels(["Class", "Probability"])
         self.ui.diceTableWidget.setHorizontalHeaderLabels(["Structure", "Dice"])
-        for table in (self.ui.classTableWidget, self.ui.diceTableWidget):
+        self.ui.queueTableWidget.setHorizontalHeaderLabels(QUEUE_HEADERS)
+        for table in (self.ui.classTableWidget, self.ui.diceTableWidget, self.ui.queueTableWidget):
             table.horizontalHeader().setStretchLastSection(True)
             table.verticalHeader().setVisible(False)
+        self.ui.queueTableWidget.setVisible(False)  # until asked for
         self.ui.classificationCollapsibleButton.setVisible(False)
 
         history = self.logic.loadServerHistory()
@@ -139,6 +143,7 @@ class LabelLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.connectButton.connect("clicked(bool)", self.onConnect)
         self.ui.serverComboBox.lineEdit().connect("returnPressed()", self.onConnect)
         self.ui.nextSampleButton.connect("clicked(bool)", self.onNextSample)
+        self.ui.showQueueButton.connect("clicked(bool)", self.onShowQueue)
         self.ui.autoSegmentButton.connect("clicked(bool)", self.onAutoSegment)
         self.ui.newSegmentationButton.connect("clicked(bool)", self.onNewSegmentation)
         self.ui.submitButton.connect("clicked(bool)", self.onSubmit)
@@ -255,7 +260,8 @@ class LabelLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         hasSegmentation = hasImage and logic.segmentationNode is not None
         running = logic is not None and logic.runner.is_running()
         busy = logic is not None and any(not j.finished for j in logic.runner.jobs() if j.name not in BACKGROUND_JOBS)
-        for button in (self.ui.nextSampleButton, self.ui.trainButton, self.ui.stopTrainButton, self.ui.uploadButton):
+        buttons = (self.ui.nextSampleButton, self.ui.showQueueButton, self.ui.trainButton, self.ui.stopTrainButton)
+        for button in (*buttons, self.ui.uploadButton):
             button.enabled = connected
         self.ui.batchInferButton.enabled = connected
         self.ui.batchStopButton.enabled = connected
@@ -391,6 +397,23 @@ class LabelLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return session.next_sample(strategy, cancel=ctx.cancel_event, progress=report)
 
         self.startJob("sample", fetch, self.onSampleReady, "Fetching the next image")
+
+    def onShowQueue(self) -> None:
+        if not self.ensureConnected():
+            return
+        strategy = self.ui.strategyComboBox.currentText or "random"
+        client = self.logic.session.client
+        self.startJob("queue", lambda ctx: client.queue(strategy, 10), self.onQueueReady, "Fetching the queue")
+
+    def onQueueReady(self, answer: Dict[str, Any]) -> None:
+        rows, line = queue_table(answer)
+        table = self.ui.queueTableWidget
+        table.setRowCount(len(rows))
+        for r, row in enumerate(rows):
+            for c, cell in enumerate(row):
+                table.setItem(r, c, qt.QTableWidgetItem(cell))
+        table.setVisible(True)
+        self.setStatus(line)
 
     def onSampleReady(self, sample: Optional[Sample]) -> None:
         if sample is None:

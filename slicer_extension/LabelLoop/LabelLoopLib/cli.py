@@ -270,9 +270,25 @@ def cmd_next(client: LabelLoopClient, args: argparse.Namespace) -> int:
         _err("no image is left to label")
         return EXIT_OK
     _out(str(image_id))
+    if answer.get("fallback"):
+        _err(f"{args.strategy} fell back to {answer['fallback']}: {answer.get('reason', '')}")
     if args.download:
         os.makedirs(args.download, exist_ok=True)
         _out(client.download_image(str(image_id), os.path.join(args.download, "")))
+    return EXIT_OK
+
+
+def cmd_queue(client: LabelLoopClient, args: argparse.Namespace) -> int:
+    from LabelLoopLib.workflow import QUEUE_HEADERS, queue_table
+
+    if args.k < 1:
+        raise UsageError("-k must be at least 1")
+    rows, line = queue_table(client.queue(args.strategy, args.k))
+    _out(line)
+    table = [QUEUE_HEADERS, *rows]
+    widths = [max(len(r[c]) for r in table) for c in range(len(QUEUE_HEADERS))]
+    for r in table:
+        _out("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
     return EXIT_OK
 
 
@@ -493,6 +509,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", metavar="DIR", help="also download the image into DIR and print its path")
     p.set_defaults(func=cmd_next)
 
+    p = command(
+        "queue",
+        "the images a strategy would hand out next, with scores, models and leases",
+        "The ranked queue: the next K images the strategy would hand out, in order (nothing is leased), with each "
+        "one's score and the model that scored it, then the images leased now and who holds them.",
+    )
+    p.add_argument("--strategy", default="entropy", help="active learning strategy (default: entropy)")
+    p.add_argument("-k", type=int, default=10, help="how many images (default: 10)")
+    p.set_defaults(func=cmd_queue)
+
     p = command("upload", "add image files to the datastore; prints 'ID<TAB>FILE' per image")
     p.add_argument("files", nargs="+", metavar="FILE", help="NIfTI, NRRD or MHA image")
     p.add_argument("--id", help="image id (one file only; default: the file name without extension)")
@@ -575,6 +601,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         _err("labelloop: interrupted")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the output went to a reader that stopped (| head): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Exception as e:  # expected failures (evaluation, local files, a missing package): no traceback
         from LabelLoopLib.evaluation import EvaluationError
         from LabelLoopLib.segio import SegmentationFileError

@@ -389,6 +389,11 @@ class LabelLoopClient:
         path = f"/activelearning/{quote(strategy, safe='')}"
         return self._json(self.request("POST", path, json_body=dict(params or {})))
 
+    def queue(self, strategy: str = "entropy", k: int = 10) -> Dict[str, Any]:
+        """``GET /labelloop/queue``: the next ``k`` images ``strategy`` would hand out (nothing is leased), with their
+        scores and the model that scored them, and the images leased now."""
+        return self._json(self.request("GET", "/labelloop/queue", params={"strategy": strategy, "k": int(k)}))
+
     def download_image(
         self,
         image_id: str,

@@ -600,6 +600,38 @@ def train_params(epochs: int = 0, minutes: float = 0.0) -> Dict[str, Any]:
     return params
 
 
+QUEUE_HEADERS = ["#", "image", "score", "model", "lease"]
+
+
+def queue_table(answer: Mapping[str, Any]) -> Tuple[List[List[str]], str]:
+    """The ranked queue (``GET /labelloop/queue``) for people: one row per image under :data:`QUEUE_HEADERS`, the
+    next images in rank order, then the images leased now (who holds each and for how long), and a line that says
+    what the queue is: the strategy, the model, how many images are available, and a fallback to random with why."""
+
+    def score(item: Mapping[str, Any]) -> str:
+        value = _float(item.get("score"))
+        return "-" if value is None else f"{item.get('score_name') or 'score'} {value:.4g}"
+
+    def held(lease: Mapping[str, Any]) -> str:
+        minutes = (_float(lease.get("expires_in")) or 0.0) / 60.0
+        return f"{lease.get('client_id') or '?'}, {minutes:.0f} min left"
+
+    rows = [
+        [str(item.get("rank", "")), str(item.get("id", "")), score(item), str(item.get("model_version") or "-"), ""]
+        for item in answer.get("items") or []
+    ]
+    for item in answer.get("leased") or []:
+        version = (item.get("scores") or {}).get("model_version") or "-"
+        rows.append(["leased", str(item.get("id", "")), "-", str(version), held(item.get("lease") or {})])
+    line = (
+        f"{answer.get('strategy', '?')} queue, model {answer.get('current_model_version') or 'none yet'}: "
+        f"{answer.get('available', 0)} of {answer.get('unlabeled', 0)} unlabeled images available"
+    )
+    if answer.get("fallback"):
+        line += f"; falls back to {answer['fallback']}: {answer.get('reason', '')}"
+    return rows, line
+
+
 CLASSIFICATION_METRICS = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("auc", "ROC AUC"))
 """The image-level metrics of a classification trainer's stats shown with its progress: stats key, name."""
 
@@ -1200,6 +1232,7 @@ __all__ = [
     "curve_columns",
     "parse_history",
     "serialize_history",
+    "queue_table",
     "train_params",
     "training_from_stats",
     "update_history",
