@@ -38,7 +38,7 @@ from labelloop_app.conf import ConfError
 from labelloop_app.datastore import LabelLoopDatastore
 from labelloop_app.model_file import ModelFile
 from LabelLoopLib.client import LabelLoopClient
-from LabelLoopLib.workflow import queue_table
+from LabelLoopLib.workflow import Sample, queue_table
 
 pytestmark = pytest.mark.server
 
@@ -120,6 +120,11 @@ def test_without_a_model_uncertainty_strategies_fall_back_to_random_and_say_so(a
         assert answer["fallback"] == "random" and answer["reason"] == "no trained model yet"
         assert answer["model_version"] is None and answer["current_model_version"] is None
         assert answer["lease"]["client_id"] == "alice"
+    # what the Slicer panel shows of the server's answer
+    assert (
+        Sample(answer["id"], "", answer).describe()
+        == f"{answer['id']} (rarity fell back to random: no trained model yet)"
+    )
     release(al, answer["id"], "alice")
     out = run_cli(al.url, "next", "--strategy", "entropy")  # the command line says so too, beside the id
     assert out.returncode == 0 and out.stdout.strip() in unlabeled, out.stderr
@@ -218,6 +223,8 @@ def test_every_strategy_returns_an_unlabeled_image_with_its_score(al):
             key = SCORE_NAMES[strategy]
             best = max(stored[i][key] for i in unlabeled - {previous})
             assert answer["score"] == best == stored[answer["id"]][key]
+            described = Sample(answer["id"], "", answer).describe()
+            assert described == f"{answer['id']} ({key} {best:.4g}, model {version})"
         assert answer["id"] != previous
         previous = answer["id"]
     release(al, answer["id"], "bob")

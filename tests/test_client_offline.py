@@ -32,6 +32,7 @@ from LabelLoopLib.workflow import (
     JobBusy,
     JobRunner,
     JobState,
+    Sample,
     ServerInfo,
     curve_axis_title,
     curve_columns,
@@ -509,6 +510,20 @@ def test_the_queue_reads_as_a_table_with_what_it_is_and_any_fallback():
     assert fallback == (
         "entropy queue, model none yet: 8 of 9 unlabeled images available; falls back to random: no trained model yet"
     )
+
+
+def test_a_sample_says_why_it_was_handed_out():
+    scored = {
+        "score": 0.1139152,
+        "score_name": "entropy",
+        "model_version": "3effc69f7cc2",
+        "lease": {"strategy": "entropy"},
+    }
+    assert Sample("case_5", "/x", scored).describe() == "case_5 (entropy 0.1139, model 3effc69f7cc2)"
+    fallback = {"fallback": "random", "reason": "no trained model yet", "lease": {"strategy": "bald"}}
+    assert Sample("case_5", "/x", fallback).describe() == "case_5 (bald fell back to random: no trained model yet)"
+    assert Sample("case_5", "/x", {"score": None, "lease": {"strategy": "random"}}).describe() == "case_5"
+    assert Sample("case_5", "/x").describe() == "case_5"
 
 
 def test_describe_error_is_written_for_people():

@@ -426,9 +426,9 @@ class LabelLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.ui.segmentEditorWidget.setSegmentationNode(None)
         setSourceVolume(self.ui.segmentEditorWidget, self.logic.volumeNode)
-        self.ui.currentImageLabel.text = sample.image_id
+        self.ui.currentImageLabel.text = sample.describe()
         self.ui.classTableWidget.setRowCount(0)
-        self.setStatus(f"Loaded {sample.image_id}. Auto-segment it or start an empty segmentation.")
+        self.setStatus(f"Loaded {sample.describe()}. Auto-segment it or start an empty segmentation.")
         self.updateButtons()
 
     def onAutoSegment(self) -> None:

@@ -774,6 +774,19 @@ class Sample:
     path: str
     info: Dict[str, Any] = field(default_factory=dict)
 
+    def describe(self) -> str:
+        """Why this image, in words, from the strategy's answer (``info``): its score and the model that scored it,
+        or the strategy's fallback to random and why."""
+        info = self.info
+        if info.get("fallback"):
+            strategy = (info.get("lease") or {}).get("strategy") or "the strategy"
+            return f"{self.image_id} ({strategy} fell back to {info['fallback']}: {info.get('reason', '')})"
+        score = _float(info.get("score"))
+        if score is None:
+            return self.image_id
+        model = f", model {info['model_version']}" if info.get("model_version") else ""
+        return f"{self.image_id} ({info.get('score_name') or 'score'} {score:.4g}{model})"
+
 
 @dataclass
 class AutoSegmentation:
