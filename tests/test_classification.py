@@ -20,7 +20,15 @@ import requests
 import SimpleITK as sitk
 import torch
 
-from conftest import FAST_CONF, assert_same_geometry, datastore_json, snapshot, start_server, stop_server
+from conftest import (
+    FAST_CONF,
+    assert_same_geometry,
+    datastore_json,
+    run_cli,
+    snapshot,
+    start_server,
+    stop_server,
+)
 from labelloop_app.synthetic import generate_sample_data, make_lesion_phantom
 from labelloop_app.uncertainty import MEASURES
 from LabelLoopLib.client import LabelLoopClient
@@ -395,6 +403,42 @@ def test_slicer_session_classifies_and_submits_a_class(cls_trained, tmp_path):
     with pytest.raises(LabelLoopError, match="unknown class 'tumour'"):
         session.submit_class("tumour", UNLABELED)
     assert snapshot(server.studies) == before
+    assert server.delete(f"/datastore/label?id={UNLABELED}&tag=class").status_code == 200
+
+
+def test_command_line_classifies_stores_and_lists_classes(cls_trained):
+    """``labelloop classify``, ``submit-class`` (with a finding) and ``classes`` use the same convention; an unknown
+    class or a malformed finding is refused with one line and nothing stored changes."""
+    server = cls_trained.server
+    out = run_cli(server.url, "classify", UNLABELED)
+    assert out.returncode == 0, out.stderr
+    answer = server.post(f"/infer/classification?image={UNLABELED}&output=json").json()
+    ranked = sorted(answer["probabilities"].items(), key=lambda kv: -kv[1])
+    probabilities = ", ".join(f"{name} {p:.3f}" for name, p in ranked)
+    assert out.stdout.strip() == f"{UNLABELED}: {answer['class']} ({probabilities}), model {answer['model_version']}"
+
+    before = snapshot(server.studies)
+    bad = run_cli(server.url, "submit-class", UNLABELED, "tumour")
+    assert bad.returncode == 1 and "unknown class 'tumour'" in bad.stderr and "normal, lesion" in bad.stderr
+    bad = run_cli(server.url, "submit-class", UNLABELED, "lesion", "--finding", "1,2,3")
+    assert bad.returncode == 2 and "X,Y,Z,RADIUS" in bad.stderr
+    assert snapshot(server.studies) == before
+
+    image = sitk.ReadImage(str(server.studies / f"{UNLABELED}.nii.gz"))
+    centre = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in image.GetSize()])
+    finding = ",".join(f"{v:.3f}" for v in centre) + ",6"
+    out = run_cli(server.url, "submit-class", UNLABELED, "lesion", f"--finding={finding}")  # X may be negative
+    assert out.returncode == 0 and out.stdout.strip() == f"stored class 'lesion' for {UNLABELED} with 1 finding(s)"
+    stored = json.loads((server.studies / "labels" / "class" / f"{UNLABELED}.json").read_text())
+    assert stored["class"] == "lesion" and stored["findings"][0]["radius_mm"] == 6.0
+    assert stored["findings"][0]["centre_lps"] == pytest.approx(list(centre), abs=1e-3)
+
+    listing = server.get("/labelloop/classes").json()
+    out = run_cli(server.url, "classes")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "classes: " + ", ".join(f"{c} {listing['counts'].get(c, 0)}" for c in CLASSES)
+    assert f"{UNLABELED}\tlesion\t1 finding(s)" in lines and len(lines) == 1 + len(listing["labels"])
     assert server.delete(f"/datastore/label?id={UNLABELED}&tag=class").status_code == 200
 
 

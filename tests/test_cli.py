@@ -165,8 +165,8 @@ def test_next_downloads_the_image(trained_server, tmp_path):
 
 
 def test_help_on_every_subcommand():
-    commands = ["status", "batch-infer", "batch-status", "batch-stop", "next", "upload", "submit"]
-    for command in [*commands, "train", "export", "evaluate"]:
+    commands = ["status", "batch-infer", "batch-status", "batch-stop", "next", "queue", "upload", "submit"]
+    for command in [*commands, "classify", "submit-class", "classes", "train", "export", "evaluate"]:
         res = cli("http://127.0.0.1:1", command, "--help")
         assert res.returncode == 0 and f"usage: labelloop {command}" in res.stdout, res.stderr
     assert "Exit codes:" in cli("http://127.0.0.1:1", "--help").stdout

@@ -327,6 +327,66 @@ def cmd_submit(client: LabelLoopClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------------------------------------- classification
+
+
+def _finding(text: str) -> Dict[str, Any]:
+    """``X,Y,Z,R``: a finding's centre in LPS millimetres and its radius in millimetres."""
+    try:
+        x, y, z, r = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"--finding {text!r}: expected X,Y,Z,RADIUS in millimetres (LPS)") from None
+    return {"centre_lps": [x, y, z], "radius_mm": r}
+
+
+def cmd_classify(client: LabelLoopClient, args: argparse.Namespace) -> int:
+    from LabelLoopLib.workflow import AnnotationSession
+
+    cache = tempfile.mkdtemp(prefix="labelloop-classify-")
+    try:
+        session = AnnotationSession(client, cache_dir=cache)
+        session.connect()
+        result = session.classify(args.image_id, model=args.model)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    ranked = sorted(result.probabilities.items(), key=lambda kv: -kv[1])
+    version = result.raw.get("model_version")
+    _out(
+        f"{args.image_id}: {result.predicted} ("
+        + ", ".join(f"{name} {p:.3f}" for name, p in ranked)
+        + ")"
+        + (f", model {version}" if version else "")
+    )
+    return EXIT_OK
+
+
+def cmd_submit_class(client: LabelLoopClient, args: argparse.Namespace) -> int:
+    from LabelLoopLib.workflow import AnnotationSession
+
+    findings = [_finding(f) for f in args.finding] if args.finding else None
+    cache = tempfile.mkdtemp(prefix="labelloop-class-")
+    try:
+        session = AnnotationSession(client, cache_dir=cache)
+        session.connect()
+        session.submit_class(args.class_name, args.image_id, model=args.model, findings=findings)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    where = f" with {len(findings)} finding(s)" if findings else ""
+    _out(f"stored class {args.class_name!r} for {args.image_id}{where}")
+    return EXIT_OK
+
+
+def cmd_classes(client: LabelLoopClient, args: argparse.Namespace) -> int:
+    data = client.class_labels()
+    counts = data.get("counts") or {}
+    findings = data.get("findings") or {}
+    _out("classes: " + ", ".join(f"{name} {counts.get(name, 0)}" for name in data.get("classes") or counts))
+    for image_id, name in sorted((data.get("labels") or {}).items()):
+        marks = findings.get(image_id)
+        _out(f"{image_id}\t{name}" + (f"\t{marks} finding(s)" if marks else ""))
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------------- training
 
 
@@ -518,6 +578,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="entropy", help="active learning strategy (default: entropy)")
     p.add_argument("-k", type=int, default=10, help="how many images (default: 10)")
     p.set_defaults(func=cmd_queue)
+
+    p = command("classify", "run the classification model on an image: class, probabilities, model version")
+    p.add_argument("image_id", metavar="IMAGE_ID")
+    p.add_argument("--model", help="classification model (default: the server's)")
+    p.set_defaults(func=cmd_classify)
+
+    p = command(
+        "submit-class",
+        "store an image's class (the 'class' label), optionally with findings",
+        "Store an image-level class as the image's 'class' label (a JSON file {\"class\": CLASS}, the same "
+        "convention as the server's API and the Slicer panel). An unknown class is refused and nothing is stored.",
+    )
+    p.add_argument("image_id", metavar="IMAGE_ID")
+    p.add_argument("class_name", metavar="CLASS")
+    p.add_argument(
+        "--finding",
+        action="append",
+        metavar="X,Y,Z,R",
+        help="where the class shows: centre in LPS millimetres and radius in millimetres (repeatable; write "
+        "--finding=X,Y,Z,R when X is negative)",
+    )
+    p.add_argument("--model", help="classification model (default: the server's)")
+    p.set_defaults(func=cmd_submit_class)
+
+    p = command("classes", "every image's class label and the count per class")
+    p.set_defaults(func=cmd_classes)
 
     p = command("upload", "add image files to the datastore; prints 'ID<TAB>FILE' per image")
     p.add_argument("files", nargs="+", metavar="FILE", help="NIfTI, NRRD or MHA image")

@@ -389,6 +389,11 @@ class LabelLoopClient:
         path = f"/activelearning/{quote(strategy, safe='')}"
         return self._json(self.request("POST", path, json_body=dict(params or {})))
 
+    def class_labels(self) -> Dict[str, Any]:
+        """``GET /labelloop/classes``: every image's class label (``labels``), the count per class (``counts``)
+        and each labeled image's number of findings (``findings``)."""
+        return self._json(self.request("GET", "/labelloop/classes"))
+
     def queue(self, strategy: str = "entropy", k: int = 10) -> Dict[str, Any]:
         """``GET /labelloop/queue``: the next ``k`` images ``strategy`` would hand out (nothing is leased), with their
         scores and the model that scored them, and the images leased now."""
