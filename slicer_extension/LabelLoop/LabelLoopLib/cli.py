@@ -18,13 +18,14 @@ Exit codes:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from LabelLoopLib.client import LabelLoopClient, LabelLoopError, ServerError, ServerUnreachable
 
@@ -88,6 +89,20 @@ def _existing_file(path: str) -> str:
     if not os.path.isfile(path):
         raise UsageError(f"no such file: {path}")
     return path
+
+
+@contextlib.contextmanager
+def _session(client: LabelLoopClient) -> Iterator[Any]:
+    """A connected annotation session (the Slicer panel's workflow) whose downloads go to a folder removed after."""
+    from LabelLoopLib.workflow import AnnotationSession
+
+    cache = tempfile.mkdtemp(prefix="labelloop-")
+    try:
+        session = AnnotationSession(client, cache_dir=cache)
+        session.connect()
+        yield session
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def _objects(client: LabelLoopClient) -> Dict[str, Any]:
@@ -304,13 +319,8 @@ def cmd_upload(client: LabelLoopClient, args: argparse.Namespace) -> int:
 
 
 def cmd_submit(client: LabelLoopClient, args: argparse.Namespace) -> int:
-    from LabelLoopLib.workflow import AnnotationSession
-
     _existing_file(args.label_file)
-    cache = tempfile.mkdtemp(prefix="labelloop-submit-")
-    try:
-        session = AnnotationSession(client, cache_dir=cache)
-        session.connect()
+    with _session(client) as session:
         result = session.submit(
             args.label_file,
             image_id=args.image_id,
@@ -318,8 +328,6 @@ def cmd_submit(client: LabelLoopClient, args: argparse.Namespace) -> int:
             allow_empty=args.allow_empty,
             tag=args.tag,
         )
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
     voxels = ", ".join(f"{n} {v}" for n, v in result.voxels_per_name.items() if v) or "empty"
     _out(f"stored {args.tag!r} label for {result.image_id}: {voxels} voxels")
     if result.dropped_names:
@@ -340,15 +348,8 @@ def _finding(text: str) -> Dict[str, Any]:
 
 
 def cmd_classify(client: LabelLoopClient, args: argparse.Namespace) -> int:
-    from LabelLoopLib.workflow import AnnotationSession
-
-    cache = tempfile.mkdtemp(prefix="labelloop-classify-")
-    try:
-        session = AnnotationSession(client, cache_dir=cache)
-        session.connect()
+    with _session(client) as session:
         result = session.classify(args.image_id, model=args.model)
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
     ranked = sorted(result.probabilities.items(), key=lambda kv: -kv[1])
     version = result.raw.get("model_version")
     _out(
@@ -361,16 +362,9 @@ def cmd_classify(client: LabelLoopClient, args: argparse.Namespace) -> int:
 
 
 def cmd_submit_class(client: LabelLoopClient, args: argparse.Namespace) -> int:
-    from LabelLoopLib.workflow import AnnotationSession
-
     findings = [_finding(f) for f in args.finding] if args.finding else None
-    cache = tempfile.mkdtemp(prefix="labelloop-class-")
-    try:
-        session = AnnotationSession(client, cache_dir=cache)
-        session.connect()
+    with _session(client) as session:
         session.submit_class(args.class_name, args.image_id, model=args.model, findings=findings)
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
     where = f" with {len(findings)} finding(s)" if findings else ""
     _out(f"stored class {args.class_name!r} for {args.image_id}{where}")
     return EXIT_OK
