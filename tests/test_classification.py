@@ -7,6 +7,7 @@ with class labels, written by the generator in the server's convention) next to 
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -440,6 +441,31 @@ def test_command_line_classifies_stores_and_lists_classes(cls_trained):
     assert lines[0] == "classes: " + ", ".join(f"{c} {listing['counts'].get(c, 0)}" for c in CLASSES)
     assert f"{UNLABELED}\tlesion\t1 finding(s)" in lines and len(lines) == 1 + len(listing["labels"])
     assert server.delete(f"/datastore/label?id={UNLABELED}&tag=class").status_code == 200
+
+
+def test_batch_classification_of_a_cohort_writes_classes_and_probabilities(cls_trained, tmp_path):
+    """``labelloop batch-infer --model classification --out``: nothing is stored as a label, and the CSV holds
+    each image's class and probabilities, as ``/infer`` gives them."""
+    server = cls_trained.server
+    images = [UNLABELED, "lesion_000"]
+    before = snapshot(server.studies)
+    table = tmp_path / "classes.csv"
+    args = ["batch-infer", "--model", "classification", "--images", *images, "--wait", "--quiet", "--out", str(table)]
+    out = run_cli(server.url, *args)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-2].startswith("DONE: 2/2 images classified")
+    assert snapshot(server.studies) == before  # a classifier's answers are not labels
+    rows = {row["image"]: row for row in csv.DictReader(open(table))}
+    assert set(rows) == set(images)
+    for image_id in images:
+        answer = server.post(f"/infer/classification?image={image_id}&output=json").json()
+        row = rows[image_id]
+        assert row["ok"] == "True" and row["stored"] == "False" and row["class"] == answer["class"]
+        assert row["model_version"] == answer["model_version"]
+        for name in CLASSES:
+            assert float(row[f"p_{name}"]) == pytest.approx(answer["probabilities"][name], abs=1e-4)
+    usage = run_cli(server.url, "batch-infer", "--model", "classification", "--out", str(table))
+    assert usage.returncode == 2 and "give --wait too" in usage.stderr
 
 
 def test_detector_trains_from_findings_and_maps_the_class_on_the_input_grid(cls_sample, tmp_path):

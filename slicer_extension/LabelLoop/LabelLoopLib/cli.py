@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import json
 import os
 import shutil
 import sys
 import tempfile
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 from LabelLoopLib.client import LabelLoopClient, LabelLoopError, ServerError, ServerUnreachable
 
@@ -187,15 +188,52 @@ def _batch_line(job: Dict[str, Any]) -> str:
     return text
 
 
-def _print_batch_result(job: Dict[str, Any]) -> int:
+def batch_rows(job: Mapping[str, Any]) -> List[Dict[str, Any]]:
+    """One CSV row per image of a batch record: ``image``, ``ok``, ``stored`` (a label map under ``original``),
+    ``model_version``, ``seconds`` and ``error``; for a classification model also ``class`` and ``p_<class>``."""
+    rows = []
+    for r in job.get("results") or []:
+        row: Dict[str, Any] = {
+            "image": r.get("image"),
+            "ok": bool(r.get("ok")),
+            "stored": bool(r.get("stored")),
+            "model_version": r.get("model_version", ""),
+            "seconds": r.get("seconds", ""),
+            "error": r.get("error", ""),
+        }
+        result = r.get("result") or {}
+        if "class" in result:
+            row["class"] = result["class"]
+            row.update({f"p_{name}": p for name, p in (result.get("probabilities") or {}).items()})
+        rows.append(row)
+    return rows
+
+
+def write_batch_csv(job: Mapping[str, Any], path: str) -> str:
+    rows = batch_rows(job)
+    fields = list(dict.fromkeys(key for row in rows for key in row)) or ["image", "ok", "error"]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _print_batch_result(job: Dict[str, Any], out: Optional[str] = None) -> int:
     status = str(job.get("status", ""))
     failed = job.get("failed") or []
     ok = int(job.get("succeeded", 0))
     rate = job.get("images_per_minute") or 0
+    results = [r for r in job.get("results") or [] if r.get("ok")]
+    kept = sum(1 for r in results if not r.get("stored", True))  # classification answers, kept in the record
+    where = "classified" if results and kept == len(results) else f"stored as {job.get('label_tag', 'original')!r}"
     _out(
-        f"{status}: {ok}/{job.get('total', 0)} images stored as {job.get('label_tag', 'original')!r} "
+        f"{status}: {ok}/{job.get('total', 0)} images {where} "
         f"in {_fmt_float(job.get('elapsed_s'), 1)} s ({_fmt_float(rate, 1)} images/min), {len(failed)} failed"
     )
+    if out:
+        _out(f"per-image results: {write_batch_csv(job, out)}")
     for f in failed:
         _out(f"  failed {f.get('image')}: {f.get('error')}")
     if status == "DONE":
@@ -213,6 +251,8 @@ def _selection(values: Sequence[str]) -> Any:
 
 
 def cmd_batch_infer(client: LabelLoopClient, args: argparse.Namespace) -> int:
+    if args.out and not args.wait:
+        raise UsageError("--out writes the results at the end: give --wait too")
     selection = _selection(args.images)
     params = _params(args.param)
     if args.device:
@@ -249,7 +289,7 @@ def _wait_batch(client: LabelLoopClient, args: argparse.Namespace, job_id: str, 
         _err("stopped waiting; the batch keeps running on the server (labelloop batch-status / batch-stop)")
         raise
     bar.close()
-    return _print_batch_result(job)
+    return _print_batch_result(job, args.out)
 
 
 def cmd_batch_status(client: LabelLoopClient, args: argparse.Namespace) -> int:
@@ -549,6 +589,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", metavar="KEY=VALUE", help="extra inference parameter (repeatable)")
     p.add_argument("--wait", action="store_true", help="show a progress bar and wait for the end")
     p.add_argument("--poll", type=float, default=1.0, help="seconds between progress checks (default: 1)")
+    p.add_argument(
+        "--out",
+        metavar="CSV",
+        help="with --wait: write one row per image (a classifier's class and probabilities included)",
+    )
     p.set_defaults(func=cmd_batch_infer)
 
     p = command("batch-status", "progress of the latest batch inference (done/total, current image, failures)")
