@@ -471,10 +471,12 @@ def test_a_run_that_only_its_time_budget_ends_reports_its_progress_in_time():
     progress.state = "running"
     assert progress.fraction == pytest.approx(0.75)
     assert progress.summary() == "Running | epoch 171 | 7.5/10 min | loss 0.4000"
+    assert progress.counts() == (450, 600, "s")  # what the panel's and the command line's bars count
     capped = training_from_stats({**stats, "total_epochs": 300, "until_budget": False, "elapsed_seconds": 60.0})
     assert capped.fraction == pytest.approx(171 / 300) and capped.position() == ["epoch 171/300", "1.0/10 min"]
     plain = training_from_stats({"epoch": 2, "total_epochs": 5})
     assert plain.position() == ["epoch 2/5"] and plain.fraction == pytest.approx(0.4)
+    assert plain.counts() == (2, 5, "epoch") and capped.counts() == (171, 300, "epoch")
 
 
 def test_the_panel_s_training_fields_make_the_request():

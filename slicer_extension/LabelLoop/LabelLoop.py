@@ -588,15 +588,11 @@ class LabelLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onTrainingProgress(self, progress: TrainingProgress) -> None:
         self._pollFailures = 0
+        done, total, unit = progress.counts()  # seconds when only the time budget ends the run
         bar = self.ui.trainProgressBar
-        if progress.until_budget and progress.max_minutes > 0:  # only the time budget ends the run: seconds
-            bar.format = "%v/%m s"
-            bar.maximum = max(1, round(60 * progress.max_minutes))
-            bar.value = min(round(progress.elapsed_seconds or 0), bar.maximum)
-        else:
-            bar.format = "%v/%m"
-            bar.maximum = max(1, progress.total_epochs)
-            bar.value = min(progress.epoch, max(1, progress.total_epochs))
+        bar.format = "%v/%m s" if unit == "s" else "%v/%m"
+        bar.maximum = max(1, total)
+        bar.value = min(done, max(1, total))
         self.ui.trainStatusLabel.text = progress.summary()
         table = self.ui.diceTableWidget
         headers, rows = progress.table()

@@ -319,14 +319,17 @@ def cmd_batch_stop(client: LabelLoopClient, args: argparse.Namespace) -> int:
 
 
 def cmd_next(client: LabelLoopClient, args: argparse.Namespace) -> int:
+    from LabelLoopLib.workflow import fallback_note
+
     answer = client.next_sample(args.strategy)
     image_id = answer.get("id") if isinstance(answer, dict) else None
     if not image_id:
         _err("no image is left to label")
         return EXIT_OK
     _out(str(image_id))
-    if answer.get("fallback"):
-        _err(f"{args.strategy} fell back to {answer['fallback']}: {answer.get('reason', '')}")
+    note = fallback_note(answer, args.strategy)
+    if note:
+        _err(note)
     if args.download:
         os.makedirs(args.download, exist_ok=True)
         _out(client.download_image(str(image_id), os.path.join(args.download, "")))
@@ -446,15 +449,11 @@ def cmd_train(client: LabelLoopClient, args: argparse.Namespace) -> int:
     try:
         while True:
             progress = session.poll_training(model)
-            if progress.until_budget and progress.max_minutes > 0:  # only the time budget ends it: a bar of seconds
-                bar.unit, bar.total = "s", round(60 * progress.max_minutes)
-                bar.n = min(round(progress.elapsed_seconds or 0), bar.total)
-                post = [f"epoch {progress.epoch}"]
-            else:
-                if progress.total_epochs:
-                    bar.total = progress.total_epochs
-                bar.n = progress.epoch
-                post = []
+            done, total, unit = progress.counts()  # seconds when only the time budget ends the run
+            if total:
+                bar.total = total
+            bar.unit, bar.n = unit, done
+            post = [f"epoch {progress.epoch}"] if unit == "s" else []
             if progress.loss is not None:
                 post.append(f"loss {progress.loss:.4f}")
             post += progress.scores()

@@ -474,6 +474,14 @@ class TrainingProgress:
             return min(1.0, (self.elapsed_seconds or 0.0) / (60.0 * self.max_minutes))
         return min(1.0, self.epoch / self.total_epochs) if self.total_epochs else 0.0
 
+    def counts(self) -> Tuple[int, int, str]:
+        """A progress bar's done and total, and their unit: seconds when only the time budget ends the run, else
+        epochs (total 0 while unknown)."""
+        if self.until_budget and self.max_minutes > 0:
+            total = max(1, round(60 * self.max_minutes))
+            return min(round(self.elapsed_seconds or 0), total), total, "s"
+        return self.epoch, self.total_epochs, "epoch"
+
     def position(self) -> List[str]:
         """Where the run is, in words: ``epoch 5/30``, or ``epoch 171`` when only the time budget ends it, then
         ``9.8/10 min`` when it has one."""
@@ -778,14 +786,21 @@ class Sample:
         """Why this image, in words, from the strategy's answer (``info``): its score and the model that scored it,
         or the strategy's fallback to random and why."""
         info = self.info
-        if info.get("fallback"):
-            strategy = (info.get("lease") or {}).get("strategy") or "the strategy"
-            return f"{self.image_id} ({strategy} fell back to {info['fallback']}: {info.get('reason', '')})"
+        fallback = fallback_note(info, (info.get("lease") or {}).get("strategy") or "the strategy")
+        if fallback:
+            return f"{self.image_id} ({fallback})"
         score = _float(info.get("score"))
         if score is None:
             return self.image_id
         model = f", model {info['model_version']}" if info.get("model_version") else ""
         return f"{self.image_id} ({info.get('score_name') or 'score'} {score:.4g}{model})"
+
+
+def fallback_note(answer: Mapping[str, Any], strategy: str) -> str:
+    """``<strategy> fell back to random: <why>`` when a strategy's answer says it did, else ``""``."""
+    if not answer.get("fallback"):
+        return ""
+    return f"{strategy} fell back to {answer['fallback']}: {answer.get('reason', '')}"
 
 
 @dataclass
@@ -1239,6 +1254,7 @@ __all__ = [
     "UnknownSegmentsError",
     "default_cache_dir",
     "describe_error",
+    "fallback_note",
     "is_segmentation_file",
     "parse_classification",
     "curve_axis_title",
