@@ -37,7 +37,7 @@ from labelloop_app.class_labels import ClassLabelCheck
 from labelloop_app.conf import ConfError
 from labelloop_app.datastore import LabelLoopDatastore
 from labelloop_app.model_file import ModelFile
-from LabelLoopLib.client import LabelLoopClient
+from LabelLoopLib.client import LabelLoopClient, default_client_id
 from LabelLoopLib.workflow import Sample, queue_table
 
 pytestmark = pytest.mark.server
@@ -292,6 +292,77 @@ def test_queue_ranks_unlabeled_images_with_scores_versions_and_leases(al):
     bad = run_cli(al.url, "queue", "--strategy", "nope")
     assert bad.returncode == 1 and "unknown strategy 'nope'" in bad.stderr
     release(al, held["id"], "carol")
+
+
+def test_an_annotator_takes_an_image_chosen_from_the_queue_and_nobody_else_gets_it(al, tmp_path):
+    queue = al.get("/labelloop/queue?strategy=entropy&k=3").json()
+    third = queue["items"][2]
+    frank = LabelLoopClient(al.url, client_id="frank")
+    answer = frank.take_image(third["id"], "entropy")
+    assert answer["id"] == third["id"] and answer["chosen"] is True
+    assert answer["lease"]["client_id"] == "frank" and answer["lease"]["strategy"] == "entropy"
+    assert answer["scores"]["entropy"] == pytest.approx(third["score"]) and "embedding" not in answer["scores"]
+    assert answer["model_version"] == third["model_version"] and answer["available"] == queue["available"] - 1
+    after = al.get("/labelloop/queue?strategy=entropy&k=100").json()
+    assert third["id"] not in {x["id"] for x in after["items"]}
+    assert (third["id"], "frank") in {(x["id"], x["lease"]["client_id"]) for x in after["leased"]}
+    assert sample(al, "entropy", client_id="gina")["id"] == queue["items"][0]["id"]  # the queue's top, not frank's
+    release(al, queue["items"][0]["id"], "gina")
+
+    # refusals name the problem, and the datastore is unchanged
+    before = datastore_json(al.studies)
+    labeled = sorted(set(before["objects"]) - unlabeled_ids(al))[0]
+    for image, strategy, client, status, words in [
+        (third["id"], "entropy", "gina", 409, f"image {third['id']!r} is leased to 'frank' for another"),
+        (labeled, "entropy", "gina", 409, f"image {labeled!r} is already labeled for segmentation"),
+        ("nope", "entropy", "gina", 404, "unknown image 'nope'"),
+        ("../studies", "random", "gina", 404, "unknown image '../studies'"),
+        (third["id"], "nope", "gina", 404, "unknown strategy 'nope'"),
+    ]:
+        r = al.post("/labelloop/lease", params={"image": image, "strategy": strategy, "client_id": client})
+        assert r.status_code == status and words in r.json()["detail"], (image, r.text)
+    assert datastore_json(al.studies) == before
+    assert frank.take_image(third["id"], "entropy")["lease"]["client_id"] == "frank"  # its holder may take it again
+
+    # the Slicer panel's double-click: the Lib leases and downloads it, and says why this image
+    from LabelLoopLib.workflow import AnnotationSession
+
+    picked = AnnotationSession(frank, cache_dir=str(tmp_path)).take_sample(third["id"], "entropy")
+    assert picked.image_id == third["id"] and (tmp_path / "images").is_dir() and picked.path.startswith(str(tmp_path))
+    assert picked.describe() == f"{third['id']} (chosen from the entropy queue)"
+
+    # the command line: `labelloop take`, and the same refusal for an image someone holds
+    fourth = [x["id"] for x in after["items"] if x["id"] != queue["items"][0]["id"]][0]
+    out = run_cli(al.url, "--client-id", "hank", "take", fourth, "--strategy", "entropy", "--download", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    image_id, path = out.stdout.split()
+    assert image_id == fourth and path.startswith(str(tmp_path)) and out.stderr.startswith("leased to hank for ")
+    held = {x["id"]: x["lease"]["client_id"] for x in al.get("/labelloop/queue?strategy=entropy").json()["leased"]}
+    assert held[fourth] == "hank" and held[third["id"]] == "frank"
+    refused = run_cli(al.url, "take", third["id"])
+    assert refused.returncode == 1 and f"image {third['id']!r} is leased to 'frank'" in refused.stderr
+    # asking a strategy for the next image frees the chosen one: a client holds one image at a time
+    assert frank.next_sample("first")["lease"]["client_id"] == "frank"
+    held = {x["id"]: x["lease"]["client_id"] for x in al.get("/labelloop/queue?strategy=entropy").json()["leased"]}
+    assert third["id"] not in held and list(held.values()).count("frank") == 1
+    for image_id, client in held.items():
+        release(al, image_id, client)
+
+
+def test_the_panel_and_command_line_hold_one_image_each_so_skipping_frees_the_last_one(al):
+    client = LabelLoopClient(al.url)
+    assert client.client_id == default_client_id() and "@" in client.client_id
+    first = client.next_sample("first")
+    second = client.next_sample("first")  # skipped: another image, and the first is free again for anyone
+    assert second["id"] != first["id"] and second["lease"]["client_id"] == client.client_id
+    assert sample(al, "first", client_id="ivy")["id"] == first["id"]
+    release(al, first["id"], "ivy")
+    out = run_cli(al.url, "next", "--strategy", "first")  # the command line is the same annotator
+    assert out.returncode == 0 and out.stdout.strip() == first["id"], out.stderr
+    leased = al.get("/labelloop/queue?strategy=first").json()["leased"]
+    assert [(x["id"], x["lease"]["client_id"]) for x in leased] == [(first["id"], client.client_id)]
+    client.release_image(first["id"])
+    assert al.get("/labelloop/queue?strategy=first").json()["leased"] == []
 
 
 def test_a_final_label_releases_the_lease_and_the_image_is_never_handed_out_again(al, tmp_path):

@@ -134,6 +134,8 @@ class LabelLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             table.horizontalHeader().setStretchLastSection(True)
             table.verticalHeader().setVisible(False)
         self.ui.queueTableWidget.setVisible(False)  # until asked for
+        self.ui.queueTableWidget.toolTip = "Double-click an image to lease it and load it for annotation"
+        self.queueStrategy = "random"
         self.ui.classificationCollapsibleButton.setVisible(False)
 
         history = self.logic.loadServerHistory()
@@ -144,6 +146,7 @@ class LabelLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.serverComboBox.lineEdit().connect("returnPressed()", self.onConnect)
         self.ui.nextSampleButton.connect("clicked(bool)", self.onNextSample)
         self.ui.showQueueButton.connect("clicked(bool)", self.onShowQueue)
+        self.ui.queueTableWidget.connect("cellDoubleClicked(int,int)", self.onQueueRowChosen)
         self.ui.autoSegmentButton.connect("clicked(bool)", self.onAutoSegment)
         self.ui.newSegmentationButton.connect("clicked(bool)", self.onNewSegmentation)
         self.ui.submitButton.connect("clicked(bool)", self.onSubmit)
@@ -387,6 +390,24 @@ class LabelLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self.ensureConnected():
             return
         strategy = self.ui.strategyComboBox.currentText or "random"
+        self.startSampleJob(
+            lambda session, cancel, report: session.next_sample(strategy, cancel=cancel, progress=report),
+            "Fetching the next image",
+        )
+
+    def onQueueRowChosen(self, row: int, column: int) -> None:
+        """A double-clicked row of the queue: lease that image and load it, as *Next sample* does its top one."""
+        item = self.ui.queueTableWidget.item(row, 1)
+        if item is None or not item.text() or not self.ensureConnected():
+            return
+        image_id, strategy = item.text(), self.queueStrategy
+        self.startSampleJob(
+            lambda session, cancel, report: session.take_sample(image_id, strategy, cancel=cancel, progress=report),
+            f"Fetching {image_id}",
+        )
+
+    def startSampleJob(self, get: Callable[..., Optional[Sample]], what: str) -> None:
+        """Download an image in the background with a progress bar; ``get(session, cancel, report)`` fetches it."""
         session = self.logic.session
 
         def fetch(ctx: JobContext) -> Optional[Sample]:
@@ -394,14 +415,15 @@ class LabelLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 size = f"{done / 1e6:.1f}" + (f"/{total / 1e6:.1f}" if total else "")
                 ctx.progress(f"Downloading image: {size} MB", done / total if total else None)
 
-            return session.next_sample(strategy, cancel=ctx.cancel_event, progress=report)
+            return get(session, ctx.cancel_event, report)
 
-        self.startJob("sample", fetch, self.onSampleReady, "Fetching the next image")
+        self.startJob("sample", fetch, self.onSampleReady, what)
 
     def onShowQueue(self) -> None:
         if not self.ensureConnected():
             return
         strategy = self.ui.strategyComboBox.currentText or "random"
+        self.queueStrategy = strategy
         client = self.logic.session.client
         self.startJob("queue", lambda ctx: client.queue(strategy, 10), self.onQueueReady, "Fetching the queue")
 

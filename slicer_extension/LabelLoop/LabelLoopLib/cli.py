@@ -4,6 +4,7 @@ It talks to the server only through :class:`LabelLoopLib.client.LabelLoopClient`
 uses) and reuses the Slicer-free workflow for submitting and training, so a terminal and Slicer behave alike.
 
 The server is ``--server URL``, else the ``LABELLOOP_SERVER`` environment variable, else http://127.0.0.1:8000.
+Leases name the annotator ``--client-id``, else ``LABELLOOP_CLIENT_ID``, else ``user@host`` (as the Slicer panel).
 
 Exit codes:
   0  success
@@ -318,6 +319,13 @@ def cmd_batch_stop(client: LabelLoopClient, args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------- annotation
 
 
+def _download_into(client: LabelLoopClient, image_id: str, folder: Optional[str]) -> None:
+    """``--download DIR``: fetch the image into ``folder`` (when given) and print the file's path."""
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        _out(client.download_image(image_id, os.path.join(folder, "")))
+
+
 def cmd_next(client: LabelLoopClient, args: argparse.Namespace) -> int:
     from LabelLoopLib.workflow import fallback_note
 
@@ -330,9 +338,16 @@ def cmd_next(client: LabelLoopClient, args: argparse.Namespace) -> int:
     note = fallback_note(answer, args.strategy)
     if note:
         _err(note)
-    if args.download:
-        os.makedirs(args.download, exist_ok=True)
-        _out(client.download_image(str(image_id), os.path.join(args.download, "")))
+    _download_into(client, str(image_id), args.download)
+    return EXIT_OK
+
+
+def cmd_take(client: LabelLoopClient, args: argparse.Namespace) -> int:
+    answer = client.take_image(args.image_id, args.strategy)
+    lease = answer.get("lease") or {}
+    _out(str(answer.get("id", args.image_id)))
+    _err(f"leased to {lease.get('client_id', client.client_id)} for {_fmt_float(lease.get('expires_in'), 0)} s")
+    _download_into(client, args.image_id, args.download)
     return EXIT_OK
 
 
@@ -547,6 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"server address (default: $LABELLOOP_SERVER, else {DEFAULT_SERVER})",
     )
     common.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    common.add_argument("--client-id", default=argparse.SUPPRESS, help="who holds leased images (default: user@host)")
 
     parser = argparse.ArgumentParser(
         prog="labelloop",
@@ -560,6 +576,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"server address (default: $LABELLOOP_SERVER, else {DEFAULT_SERVER}); also accepted after COMMAND",
     )
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--client-id",
+        default=os.environ.get("LABELLOOP_CLIENT_ID") or None,
+        help="who holds the images next and take lease (default: $LABELLOOP_CLIENT_ID, else user@host); a client "
+        "holds one image at a time, so asking again frees the previous one",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, help_text: str, description: str = "") -> argparse.ArgumentParser:
@@ -606,6 +628,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="random", help="active learning strategy (default: random)")
     p.add_argument("--download", metavar="DIR", help="also download the image into DIR and print its path")
     p.set_defaults(func=cmd_next)
+
+    p = command(
+        "take",
+        "lease an image you chose (from the queue) and print its id",
+        "Lease the image IMAGE_ID to this client, as 'next' leases the strategy's own pick: refused when the image is "
+        "already labeled for the strategy's task or leased to someone else.",
+    )
+    p.add_argument("image_id", metavar="IMAGE_ID")
+    p.add_argument("--strategy", default="random", help="the queue it was chosen from (default: random)")
+    p.add_argument("--download", metavar="DIR", help="also download the image into DIR and print its path")
+    p.set_defaults(func=cmd_take)
 
     p = command(
         "queue",
@@ -701,7 +734,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        client = LabelLoopClient(args.server)
+        client = LabelLoopClient(args.server, client_id=args.client_id)
     except ValueError as e:
         _err(f"labelloop: error: {e}")
         return EXIT_USAGE

@@ -18,9 +18,11 @@ from __future__ import annotations
 import email.message
 import email.parser
 import email.policy
+import getpass
 import json
 import logging
 import os
+import socket
 import tempfile
 import threading
 import time
@@ -186,8 +188,10 @@ class LabelLoopClient:
     """A LabelLoop server: ``LabelLoopClient("localhost:8000").info()``.
 
     ``timeout`` is (connect, read) seconds. ``retries`` is how many times a request that got no answer is
-    tried in all. Safe to use from several threads: unless ``session`` is given, each thread gets its own
-    ``requests.Session`` (connection reuse without sharing a session across threads).
+    tried in all. ``client_id`` names the annotator to the server's leases (default :func:`default_client_id`): a
+    client holds one leased image at a time, so asking for the next image frees the previous, skipped one.
+    Safe to use from several threads: unless ``session`` is given, each thread gets its own ``requests.Session``
+    (connection reuse without sharing a session across threads).
     """
 
     def __init__(
@@ -197,8 +201,10 @@ class LabelLoopClient:
         retries: int = 3,
         session: Optional[requests.Session] = None,
         retry_delay: float = 0.3,
+        client_id: Optional[str] = None,
     ):
         self.server_url = normalize_url(server_url)
+        self.client_id = client_id or default_client_id()
         self.timeout = (float(timeout[0]), float(timeout[1]))
         self.retries = max(1, int(retries))
         self.retry_delay = float(retry_delay)
@@ -385,9 +391,22 @@ class LabelLoopClient:
     # ----------------------------------------------------------------------------------------------- samples
 
     def next_sample(self, strategy: str = "random", params: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-        """``POST /activelearning/{strategy}``: the next image to annotate (``{}`` when none is left)."""
+        """``POST /activelearning/{strategy}``: the next image to annotate (``{}`` when none is left), leased to
+        :attr:`client_id` unless ``params`` names another."""
         path = f"/activelearning/{quote(strategy, safe='')}"
-        return self._json(self.request("POST", path, json_body=dict(params or {})))
+        body = {"client_id": self.client_id, **dict(params or {})}
+        return self._json(self.request("POST", path, json_body=body))
+
+    def take_image(self, image_id: str, strategy: str = "random") -> Dict[str, Any]:
+        """``POST /labelloop/lease``: lease an image the annotator chose (from the queue) to :attr:`client_id`, as
+        ``strategy`` would have handed it out. The server refuses (409) an image labeled or leased to another."""
+        params = {"image": image_id, "strategy": strategy, "client_id": self.client_id}
+        return self._json(self.request("POST", "/labelloop/lease", params=params))
+
+    def release_image(self, image_id: str) -> Dict[str, Any]:
+        """``DELETE /labelloop/lease``: give back an image leased to :attr:`client_id` before its lease expires."""
+        params = {"image": image_id, "client_id": self.client_id}
+        return self._json(self.request("DELETE", "/labelloop/lease", params=params))
 
     def class_labels(self) -> Dict[str, Any]:
         """``GET /labelloop/classes``: every image's class label (``labels``), the count per class (``counts``)
@@ -566,6 +585,15 @@ class LabelLoopClient:
     def batch_infer_stop(self) -> Any:
         """``DELETE /batch/infer``: stop batch inference."""
         return self._json(self.request("DELETE", "/batch/infer"))
+
+
+def default_client_id() -> str:
+    """``user@host``: the same annotator on the same machine is one client, in Slicer and on the command line."""
+    try:
+        user = getpass.getuser()
+    except Exception:  # no user name in the environment or the password database
+        user = "annotator"
+    return f"{user}@{socket.gethostname() or 'localhost'}"
 
 
 def label_map_from_info(info: Mapping[str, Any], model: Optional[str] = None) -> Dict[str, int]:

@@ -786,7 +786,10 @@ class Sample:
         """Why this image, in words, from the strategy's answer (``info``): its score and the model that scored it,
         or the strategy's fallback to random and why."""
         info = self.info
-        fallback = fallback_note(info, (info.get("lease") or {}).get("strategy") or "the strategy")
+        strategy = (info.get("lease") or {}).get("strategy") or "the strategy"
+        if info.get("chosen"):
+            return f"{self.image_id} (chosen from the {strategy} queue)"
+        fallback = fallback_note(info, strategy)
         if fallback:
             return f"{self.image_id} ({fallback})"
         score = _float(info.get("score"))
@@ -926,6 +929,18 @@ class AnnotationSession:
         if not image_id:
             return None
         return self.fetch_image(str(image_id), answer, cancel=cancel, progress=progress)
+
+    def take_sample(
+        self,
+        image_id: str,
+        strategy: str = "random",
+        cancel: Optional[threading.Event] = None,
+        progress: Optional[Callable[[int, Optional[int]], None]] = None,
+    ) -> Sample:
+        """Lease the image the annotator chose (a row of the queue) and download it, as :meth:`next_sample` does for
+        the strategy's own pick; the server refuses an image already labeled or leased to someone else."""
+        answer = self.client.take_image(image_id, strategy)
+        return self.fetch_image(image_id, answer, cancel=cancel, progress=progress)
 
     def fetch_image(
         self,

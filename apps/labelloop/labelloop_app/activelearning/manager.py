@@ -30,6 +30,7 @@ from labelloop_app.activelearning.strategies import (
 )
 from labelloop_app.class_labels import CLASS_TAG
 from labelloop_app.conf import SegmentationConf
+from labelloop_app.errors import Conflict, NotFound
 from labelloop_app.model_file import ModelFile
 from labelloop_app.uncertainty import MEASURES
 
@@ -46,6 +47,11 @@ def unlabeled_images(datastore: Datastore, task: str) -> List[str]:
     if tag == DefaultLabelTag.FINAL.value:
         return datastore.get_unlabeled_images()
     return [i for i in datastore.list_images() if not datastore.get_label_by_image_id(i, tag)]
+
+
+def readable_scores(record: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """An image's stored scores without its feature vectors (long, and meaningless to read)."""
+    return {key: v for key, v in (record or {}).items() if key not in FEATURE_KEYS}
 
 
 def _training_running() -> bool:
@@ -217,6 +223,41 @@ class ActiveLearning:
             return self.leases.release(image_id)
         return None
 
+    def take(self, strategy: str, image_id: str, client_id: str) -> Dict[str, Any]:
+        """Lease an image the annotator chose (from the queue, say) to ``client_id``, as ``strategy`` would have.
+
+        Raises :class:`NotFound` for an image the datastore does not hold and :class:`Conflict` for one already
+        labeled for the strategy's task or held by another client; the client's previous lease ends, as when it asks
+        a strategy for its next image."""
+        s = self._strategies[strategy]
+        datastore = self.datastore()
+        with self.leases.lock:
+            if image_id not in set(datastore.list_images()):
+                raise NotFound(f"unknown image {image_id!r}")
+            leases = self.leases.active()
+            pool = self.pool(datastore, s.task, leases)
+            if image_id in pool.labeled:
+                raise Conflict(f"image {image_id!r} is already labeled for {s.task}")
+            held = pool.leased.get(image_id)
+            if held is not None and held.client_id != client_id:
+                raise Conflict(
+                    f"image {image_id!r} is leased to {held.client_id!r} for another "
+                    f"{held.state(self.leases.clock())['expires_in']:.0f} s"
+                )
+            lease = self.leases.take(image_id, client_id, strategy)
+        record = readable_scores(pool.records.get(image_id))
+        return {
+            "id": image_id,
+            "chosen": True,
+            "model_version": record.get("model_version"),
+            "current_model_version": pool.model_version or None,
+            "scores": record,
+            "client_id": client_id,
+            "lease": lease.state(),
+            "unlabeled": pool.unlabeled,
+            "available": len(pool.available) - (held is None),
+        }
+
     def queue(self, strategy: str, k: int) -> Dict[str, Any]:
         """The next ``k`` images ``strategy`` would hand out (nothing is leased), and the images leased now."""
         s = self._strategies[strategy]
@@ -226,11 +267,8 @@ class ActiveLearning:
             pool = self.pool(datastore, s.task, leases)
         picks, reason = s.order(pool, k)
 
-        hidden = set(FEATURE_KEYS)  # feature vectors: long, and meaningless to read
-
         def scores(image_id: str) -> Dict[str, Any]:
-            record = pool.records.get(image_id) or {}
-            return {key: v for key, v in record.items() if key not in hidden}
+            return readable_scores(pool.records.get(image_id))
 
         items: List[Dict[str, Any]] = []
         for rank, pick in enumerate(picks[:k], start=1):

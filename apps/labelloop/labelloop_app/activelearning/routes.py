@@ -1,6 +1,7 @@
 """HTTP routes of active learning, installed in front of MONAI Label's.
 
 - ``GET /labelloop/queue?strategy=entropy&k=10``: the ranked queue (scores, model version, leases).
+- ``POST /labelloop/lease?image=...&strategy=...&client_id=...``: lease an image the annotator chose (from the queue).
 - ``DELETE /labelloop/lease?image=...&client_id=...``: give an image back before its lease expires.
 - ``POST /scoring/{method}``, ``GET /scoring/``, ``DELETE /scoring/``: MONAI Label's scoring API with the same
   answers, served by the in-process background scorer instead of a subprocess (see ``background.py``).
@@ -14,6 +15,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 from monailabel.config import settings
 from monailabel.endpoints.user.auth import RBAC, User
 
+from labelloop_app.activelearning.leases import anonymous_client
 from labelloop_app.activelearning.manager import ActiveLearning
 from labelloop_app.api import require
 from labelloop_app.errors import BadRequest, NotFound
@@ -32,6 +34,11 @@ def build_router(al: ActiveLearning) -> APIRouter:
     ):
         require("strategy", strategy, al._strategies)
         return al.queue(strategy, k)
+
+    @router.post("/labelloop/lease", summary="Lease an image the annotator chose, as a strategy would hand it out")
+    def take(image: str, strategy: str = "random", client_id: Optional[str] = None, user: User = annotator):
+        require("strategy", strategy, al._strategies)
+        return al.take(strategy, image, client_id or anonymous_client())
 
     @router.delete("/labelloop/lease", summary="Give back an image handed out by a strategy")
     def release(image: str, client_id: Optional[str] = None, user: User = annotator):
