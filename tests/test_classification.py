@@ -407,6 +407,41 @@ def test_slicer_session_classifies_and_submits_a_class(cls_trained, tmp_path):
     assert server.delete(f"/datastore/label?id={UNLABELED}&tag=class").status_code == 200
 
 
+def test_explanation_map_through_the_slicer_lib_and_the_command_line(cls_trained, tmp_path):
+    """The panel's *Explain* and ``labelloop classify --explain`` fetch the map on the image's own grid; a method or
+    class the model does not know is refused before anything is sent."""
+    from LabelLoopLib.workflow import AnnotationSession, LabelLoopError
+
+    server = cls_trained.server
+    scan = server.studies / f"{UNLABELED}.nii.gz"
+    session = AnnotationSession(LabelLoopClient(server.url), cache_dir=str(tmp_path / "cache"))
+    result = session.classify(UNLABELED, explain="occlusion", explain_class="lesion")
+    assert result.raw["explanation"] == {"method": "occlusion", "class": "lesion"}
+    assert result.explanation_path.startswith(str(tmp_path / "cache"))
+    assert_same_geometry(Path(result.explanation_path), scan)
+    assert result.explanation_name(UNLABELED) == f"{UNLABELED} occlusion lesion"
+    assert session.classify(UNLABELED).explanation_path is None
+    refused = [({"explain": "saliency"}, "unknown explanation 'saliency'"), ({"explain_class": "cyst"}, "'cyst'")]
+    for kwargs, words in refused:
+        with pytest.raises(LabelLoopError, match=words):
+            session.classify(UNLABELED, **kwargs)
+
+    out = tmp_path / "map.nii.gz"
+    cli = run_cli(server.url, "classify", UNLABELED, "--explain", "gradcam", "--out", str(out))
+    assert cli.returncode == 0, cli.stderr
+    answer = server.post(f"/infer/classification?image={UNLABELED}&output=json").json()
+    assert cli.stdout.splitlines()[1] == f"gradcam map of class {answer['class']}: {out}"
+    assert_same_geometry(out, scan)
+    values = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    assert values.min() >= 0.0 and values.max() <= 1.0 + 1e-6 and values.max() > 0.0
+    for args, words in [
+        (("--explain", "gradcam", "--out", str(tmp_path / "map.nrrd")), "name it .nii.gz"),
+        (("--out", str(out)), "go with --explain"),
+    ]:
+        bad = run_cli(server.url, "classify", UNLABELED, *args)
+        assert bad.returncode == 2 and words in bad.stderr, bad.stderr
+
+
 def test_command_line_classifies_stores_and_lists_classes(cls_trained):
     """``labelloop classify``, ``submit-class`` (with a finding) and ``classes`` use the same convention; an unknown
     class or a malformed finding is refused with one line and nothing stored changes."""

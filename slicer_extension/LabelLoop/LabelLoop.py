@@ -30,7 +30,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from LabelLoopLib import colors as llcolors
-from LabelLoopLib.client import LabelLoopClient, normalize_url
+from LabelLoopLib.client import EXPLAIN_METHODS, LabelLoopClient, normalize_url
 from LabelLoopLib.workflow import (
     QUEUE_HEADERS,
     AnnotationSession,
@@ -127,6 +127,7 @@ class LabelLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentEditorWidget.setMRMLScene(slicer.mrmlScene)
         self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(self.logic.segmentEditorNode())
         self.ui.batchImagesComboBox.addItems(["unlabeled", "all"])
+        self.ui.explainMethodComboBox.addItems(list(EXPLAIN_METHODS))
         self.ui.classTableWidget.setHorizontalHeaderLabels(["Class", "Probability"])
         self.ui.diceTableWidget.setHorizontalHeaderLabels(["Structure", "Dice"])
         self.ui.queueTableWidget.setHorizontalHeaderLabels(QUEUE_HEADERS)
@@ -548,9 +549,17 @@ class LabelLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         session = self.logic.session
         imageId = self.logic.sample.image_id
-        self.startJob("classify", lambda ctx: session.classify(imageId), self.onClassified, "Classifying")
+        explain = self.ui.explainMethodComboBox.currentText if self.ui.explainCheckBox.checked else None
+        self.startJob(
+            "classify", lambda ctx: session.classify(imageId, explain=explain), self.onClassified, "Classifying"
+        )
 
     def onClassified(self, result: ClassificationResult) -> None:
+        if result.explanation_path and self.logic.sample is not None:
+            try:
+                self.logic.showExplanation(result.explanation_path, result.explanation_name(self.logic.sample.image_id))
+            except Exception as e:
+                self.showError("Loading the explanation map", e)
         table = self.ui.classTableWidget
         rows = sorted(result.probabilities.items(), key=lambda kv: -kv[1])
         table.setRowCount(len(rows))
@@ -726,6 +735,7 @@ class LabelLoopLogic(ScriptedLoadableModuleLogic):
         self.sample: Optional[Sample] = None
         self.volumeNode = None
         self.segmentationNode = None
+        self.explanationNode = None
         self.curveTableNode = None
         self.curveChartNode = None
         self.curveSeriesNodes: List[Any] = []
@@ -802,6 +812,7 @@ class LabelLoopLogic(ScriptedLoadableModuleLogic):
         self.sample = None
         self.volumeNode = None
         self.segmentationNode = None
+        self.explanationNode = None
         self.curveTableNode = None
         self.curveChartNode = None
         self.curveSeriesNodes = []
@@ -811,14 +822,29 @@ class LabelLoopLogic(ScriptedLoadableModuleLogic):
             slicer.mrmlScene.RemoveNode(node)
 
     def showSample(self, sample: Sample):
-        """Load the sample image (replacing the previous sample and its segmentation) and show it."""
+        """Load the sample image (replacing the previous sample, its segmentation and explanation map) and show it."""
         self._removeNode(self.segmentationNode)
+        self._removeNode(self.explanationNode)
         self._removeNode(self.volumeNode)
         self.segmentationNode = None
+        self.explanationNode = None
         node = slicer.util.loadVolume(sample.path, {"name": sample.image_id, "show": True})
         self.volumeNode = node
         self.sample = sample
         slicer.util.setSliceViewerLayers(background=node, fit=True)
+        return node
+
+    def showExplanation(self, path: str, name: str):
+        """Overlay a classification's explanation map (values 0-1 on the sample's grid) on the sample, replacing the
+        previous map."""
+        self._removeNode(self.explanationNode)
+        node = slicer.util.loadVolume(path, {"name": name, "show": False})
+        display = node.GetDisplayNode()
+        display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeFileColdToHotRainbow.txt")
+        display.AutoWindowLevelOff()
+        display.SetWindowLevelMinMax(0.0, 1.0)
+        self.explanationNode = node
+        slicer.util.setSliceViewerLayers(background=self.volumeNode, foreground=node, foregroundOpacity=0.4)
         return node
 
     def showSegmentation(self, path: str):
@@ -949,6 +975,8 @@ class LabelLoopTest(ScriptedLoadableModuleTest):
         self.test_job_runner()
         self.setUp()
         self.test_learning_curve_follows_the_trainer()
+        self.setUp()
+        self.test_explanation_map_overlays_the_sample_until_the_next()
 
     def test_seg_nrrd_round_trip_through_slicer(self) -> None:
         self.delayDisplay("Segmentation file round trip through Slicer")
@@ -1007,6 +1035,30 @@ class LabelLoopTest(ScriptedLoadableModuleTest):
         self.assertEqual(len(logic.curveSeriesNodes), 4)  # loss, train and val AUC, balanced accuracy
         self.assertEqual(logic.curveTableNode.GetNumberOfColumns(), 5)
         self.delayDisplay("Learning curve passed")
+
+    def test_explanation_map_overlays_the_sample_until_the_next(self) -> None:
+        self.delayDisplay("Explanation map over the sample")
+        import SimpleITK as sitk
+
+        folder = tempfile.mkdtemp(prefix="labelloop-test-", dir=slicer.app.temporaryPath)
+        paths = {}
+        for name, values in (("scan", np.full((8, 10, 12), 40, np.int16)), ("map", np.linspace(0, 1, 960))):
+            image = sitk.GetImageFromArray(values.reshape(8, 10, 12).astype(values.dtype))
+            image.SetSpacing((1.5, 1.0, 3.0))
+            paths[name] = os.path.join(folder, f"{name}.nii.gz")
+            sitk.WriteImage(image, paths[name])
+        logic = LabelLoopLogic()
+        logic.showSample(Sample("scan", paths["scan"]))
+        node = logic.showExplanation(paths["map"], "scan gradcam lesion")
+        composite = slicer.app.layoutManager().sliceWidget("Red").sliceLogic().GetSliceCompositeNode()
+        self.assertEqual(composite.GetForegroundVolumeID(), node.GetID())
+        self.assertEqual(composite.GetBackgroundVolumeID(), logic.volumeNode.GetID())
+        self.assertAlmostEqual(composite.GetForegroundOpacity(), 0.4)
+        self.assertEqual(node.GetName(), "scan gradcam lesion")
+        self.assertEqual((node.GetDisplayNode().GetWindowLevelMin(), node.GetDisplayNode().GetWindowLevelMax()), (0, 1))
+        logic.showSample(Sample("scan", paths["scan"]))
+        self.assertFalse(slicer.mrmlScene.IsNodePresent(node))
+        self.delayDisplay("Explanation map passed")
 
 
 __all__ = ["LabelLoop", "LabelLoopLogic", "LabelLoopTest", "LabelLoopWidget"]

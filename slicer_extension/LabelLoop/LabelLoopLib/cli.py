@@ -29,7 +29,7 @@ import tempfile
 import time
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
-from LabelLoopLib.client import LabelLoopClient, LabelLoopError, ServerError, ServerUnreachable
+from LabelLoopLib.client import EXPLAIN_METHODS, LabelLoopClient, LabelLoopError, ServerError, ServerUnreachable
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -406,8 +406,21 @@ def _finding(text: str) -> Dict[str, Any]:
 
 
 def cmd_classify(client: LabelLoopClient, args: argparse.Namespace) -> int:
+    from LabelLoopLib.workflow import safe_file_stem
+
+    if (args.out or args.explain_class) and not args.explain:
+        raise UsageError("--out and --explain-class go with --explain")
+    out = args.out or (f"{safe_file_stem(args.image_id)}_{args.explain}.nii.gz" if args.explain else None)
+    if out and not out.endswith((".nii.gz", ".nii")):
+        raise UsageError(f"--out {out!r}: the map is a NIfTI file, name it .nii.gz")
     with _session(client) as session:
-        result = session.classify(args.image_id, model=args.model)
+        result = session.classify(
+            args.image_id,
+            model=args.model,
+            explain=args.explain,
+            explain_class=args.explain_class,
+            out_path=os.path.abspath(out) if out else None,
+        )
     ranked = sorted(result.probabilities.items(), key=lambda kv: -kv[1])
     version = result.raw.get("model_version")
     _out(
@@ -416,6 +429,9 @@ def cmd_classify(client: LabelLoopClient, args: argparse.Namespace) -> int:
         + ")"
         + (f", model {version}" if version else "")
     )
+    if result.explanation_path:
+        about = result.raw.get("explanation") or {}
+        _out(f"{about.get('method', args.explain)} map of class {about.get('class', '?')}: {result.explanation_path}")
     return EXIT_OK
 
 
@@ -653,6 +669,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("classify", "run the classification model on an image: class, probabilities, model version")
     p.add_argument("image_id", metavar="IMAGE_ID")
     p.add_argument("--model", help="classification model (default: the server's)")
+    p.add_argument(
+        "--explain",
+        choices=EXPLAIN_METHODS,
+        help="also write a map of where the model sees the class (on the image's grid, values 0-1)",
+    )
+    p.add_argument("--explain-class", metavar="CLASS", help="the class to explain (default: the predicted one)")
+    p.add_argument("--out", metavar="FILE", help="where the map goes (default: IMAGE_ID_METHOD.nii.gz here)")
     p.set_defaults(func=cmd_classify)
 
     p = command(

@@ -33,6 +33,9 @@ import requests
 
 logger = logging.getLogger(__name__)
 
+EXPLAIN_METHODS = ("gradcam", "occlusion")
+"""The explanation maps a classification model draws on request (the ``explain`` inference parameter)."""
+
 DEFAULT_TIMEOUT = (5.0, 600.0)
 CHUNK = 1 << 20
 PathLike = Union[str, "os.PathLike[str]"]

@@ -31,6 +31,7 @@ import numpy as np
 from LabelLoopLib import colors as colormod
 from LabelLoopLib import segio
 from LabelLoopLib.client import (
+    EXPLAIN_METHODS,
     LabelLoopClient,
     LabelLoopError,
     OperationCancelled,
@@ -738,6 +739,13 @@ class ClassificationResult:
     predicted: Optional[str]
     probabilities: Dict[str, float]
     raw: Dict[str, Any]
+    explanation_path: Optional[str] = None
+    """The explanation map (float NIfTI in [0, 1] on the image's grid), when one was asked for."""
+
+    def explanation_name(self, image_id: str) -> str:
+        """``<image> gradcam lesion``: what the map shows, to name it where it is overlaid."""
+        about = self.raw.get("explanation") or {}
+        return " ".join(str(x) for x in (image_id, about.get("method"), about.get("class")) if x)
 
 
 def parse_classification(result: Mapping[str, Any], classes: Sequence[str]) -> ClassificationResult:
@@ -1105,15 +1113,34 @@ class AnnotationSession:
 
     # ------------------------------------------------------------------------------------------- classification
 
-    def classify(self, image_id: Optional[str] = None, model: Optional[str] = None) -> ClassificationResult:
-        """Run the classification model on the image: predicted class and probabilities."""
+    def classify(
+        self,
+        image_id: Optional[str] = None,
+        model: Optional[str] = None,
+        explain: Optional[str] = None,
+        explain_class: Optional[str] = None,
+        out_path: Optional[str] = None,
+    ) -> ClassificationResult:
+        """Run the classification model on the image: predicted class and probabilities, and with ``explain`` (one
+        of :data:`EXPLAIN_METHODS`) a map of where the model saw ``explain_class`` (default: the predicted class),
+        written to ``out_path`` (default: the session's results folder)."""
         image_id = self._image_id(image_id)
         server = self._server()
         m = server.models.get(model) if model else server.classification_model
         if m is None:
             raise LabelLoopError("the server offers no classification model")
-        _, result = self.client.infer(m.name, image_id=image_id, out_path=self._dir("results") + os.sep)
-        return parse_classification(result, m.classes)
+        if explain is not None and explain not in EXPLAIN_METHODS:
+            raise LabelLoopError(f"unknown explanation {explain!r}; choose from {', '.join(EXPLAIN_METHODS)}")
+        if explain_class is not None and explain_class not in m.classes:
+            raise LabelLoopError(f"unknown class {explain_class!r}; classes: {', '.join(m.classes)}")
+        params = {k: v for k, v in (("explain", explain), ("explain_class", explain_class)) if v}
+        target = out_path or os.path.join(self._dir("results"), f"{safe_file_stem(image_id)}_{explain or 'map'}.nii.gz")
+        path, answer = self.client.infer(m.name, image_id=image_id, params=params, out_path=target)
+        result = parse_classification(answer, m.classes)
+        if explain and path is None:
+            raise LabelLoopError(f"model {m.name!r} answered without an explanation map")
+        result.explanation_path = path
+        return result
 
     def submit_class(
         self,
