@@ -595,8 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--client-id",
         default=os.environ.get("LABELLOOP_CLIENT_ID") or None,
-        help="who holds the images next and take lease (default: $LABELLOOP_CLIENT_ID, else user@host); a client "
-        "holds one image at a time, so asking again frees the previous one",
+        help="who holds the images that 'next' and 'take' lease (default: $LABELLOOP_CLIENT_ID, else user@host); a "
+        "client holds one image at a time, so asking again frees the previous one",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
