@@ -429,6 +429,10 @@ class LabelLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.startJob("queue", lambda ctx: client.queue(strategy, 10), self.onQueueReady, "Fetching the queue")
 
     def onQueueReady(self, answer: Dict[str, Any]) -> None:
+        self.setStatus(self.fillQueue(answer))
+
+    def fillQueue(self, answer: Dict[str, Any]) -> str:
+        """Show the queue in its table; returns the line that says what the queue is."""
         rows, line = queue_table(answer)
         table = self.ui.queueTableWidget
         table.setRowCount(len(rows))
@@ -436,7 +440,14 @@ class LabelLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for c, cell in enumerate(row):
                 table.setItem(r, c, qt.QTableWidgetItem(cell))
         table.setVisible(True)
-        self.setStatus(line)
+        return line
+
+    def refreshQueue(self) -> None:
+        """Keep a queue on show current once an image is handed out (its row moves to the leased ones)."""
+        if not self.ui.queueTableWidget.visible or self.logic.session is None:
+            return
+        client, strategy = self.logic.session.client, self.queueStrategy
+        self.startJob("queue", lambda ctx: client.queue(strategy, 10), self.fillQueue, popup=False)
 
     def onSampleReady(self, sample: Optional[Sample]) -> None:
         if sample is None:
@@ -453,6 +464,7 @@ class LabelLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.classTableWidget.setRowCount(0)
         self.setStatus(f"Loaded {sample.describe()}. Auto-segment it or start an empty segmentation.")
         self.updateButtons()
+        self.refreshQueue()
 
     def onAutoSegment(self) -> None:
         if not self.ensureConnected() or not self.ensurePynrrd():
