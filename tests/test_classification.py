@@ -362,6 +362,41 @@ def test_a_newly_published_model_is_served_without_restart(cls_trained, tmp_path
     assert after["class"] == "lesion"
 
 
+def test_training_fine_tunes_the_served_model_unless_asked_to_start_afresh(cls_trained, tmp_path):
+    """At a learning rate of 0 the weights cannot move, so a run that starts from the served model publishes its
+    weights again, and a run with ``pretrained: false`` publishes freshly initialised ones."""
+    server = cls_trained.server
+    published = server.model_dir / "classification_densenet121.pt"
+
+    def weights() -> dict:
+        checkpoint = torch.load(published, map_location="cpu")
+        state = checkpoint.get("model", checkpoint)
+        return {k: v for k, v in state.items() if "running_" not in k and "num_batches" not in k}  # no BN statistics
+
+    def train(**request) -> None:
+        time.sleep(1.1)  # a new modification time for the published model
+        r = server.post("/train/classification", json={"max_epochs": 1, "learning_rate": 0, **request})
+        assert r.status_code == 200, r.text
+        task = server.wait_task("train", timeout=600)
+        assert task["status"] == "DONE", f"{task}\n{server.log_tail()}"
+
+    served = weights()
+    keep = shutil.copy(published, tmp_path / "served.pt")
+    stamp = published.stat().st_mtime
+    train()
+    assert published.stat().st_mtime > stamp, "the run published nothing"
+    tuned = weights()
+    assert tuned.keys() == served.keys() and all(torch.equal(tuned[k], served[k]) for k in served)
+    try:
+        stamp = published.stat().st_mtime
+        train(pretrained=False)
+        assert published.stat().st_mtime > stamp, "the run published nothing"
+        fresh = weights()
+        assert any(not torch.equal(fresh[k], served[k]) for k in served)
+    finally:  # serve the trained model again for the tests after this one
+        os.replace(shutil.copy(keep, published.with_suffix(".tmp")), published)
+
+
 def test_segmentation_trains_on_final_labels_only_beside_class_labels(cls_server):
     datalist = cls_server.get("/datastore/?output=train").json()
     assert sorted(Path(d["image"]).name for d in datalist) == ["phantom_000.nii.gz", "phantom_001.nii.gz"]
