@@ -36,7 +36,11 @@ KEYS = ("image", "label")
 
 
 class SegmentationTrain(LabelLoopTrainTask):
-    """DiceCE training on patches balanced between background and the organs (each organ equally often).
+    """DiceCE training on patches centred on the background and on each structure equally often.
+
+    The Dice term is computed over the whole batch of patches, not patch by patch: a patch without a kidney would
+    otherwise score a Dice of 0 for any kidney voxel the network guesses, and teach it to predict none. With both,
+    the small structures start to learn minutes earlier in the learning benchmark (``benchmarks/results/learning.md``).
 
     Augmentation: small affine, intensity scale/shift, noise, and flips along the anterior-posterior and
     superior-inferior axes only: a left-right flip would swap ``kidney_left`` and ``kidney_right``.
@@ -55,7 +59,7 @@ class SegmentationTrain(LabelLoopTrainTask):
         )
 
     def loss_function(self, context: Context):
-        return DiceCELoss(to_onehot_y=True, softmax=True)
+        return DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
 
     def _deterministic(self):
         return [
@@ -79,7 +83,7 @@ class SegmentationTrain(LabelLoopTrainTask):
                 label_key="label",
                 spatial_size=self.conf.roi_size,
                 num_classes=n + 1,
-                ratios=[n] + [1] * n,  # half background, half organs, organs equally
+                ratios=[1] * (n + 1),  # background and each organ equally
                 num_samples=num_samples,
                 indices_key="label_cls_indices",
                 warn=False,
