@@ -361,8 +361,11 @@ def test_the_panel_and_command_line_hold_one_image_each_so_skipping_frees_the_la
     assert out.returncode == 0 and out.stdout.strip() == first["id"], out.stderr
     leased = al.get("/labelloop/queue?strategy=first").json()["leased"]
     assert [(x["id"], x["lease"]["client_id"]) for x in leased] == [(first["id"], client.client_id)]
-    client.release_image(first["id"])
+    out = run_cli(al.url, "release", first["id"])  # given back before the lease expires
+    assert out.returncode == 0 and out.stdout.strip() == f"released {first['id']}", out.stderr
     assert al.get("/labelloop/queue?strategy=first").json()["leased"] == []
+    again = run_cli(al.url, "release", first["id"])
+    assert again.returncode == 1 and f"no active lease on image {first['id']!r} held by" in again.stderr
 
 
 def test_a_final_label_releases_the_lease_and_the_image_is_never_handed_out_again(al, tmp_path):

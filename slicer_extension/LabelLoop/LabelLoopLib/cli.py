@@ -351,6 +351,12 @@ def cmd_take(client: LabelLoopClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_release(client: LabelLoopClient, args: argparse.Namespace) -> int:
+    client.release_image(args.image_id)
+    _out(f"released {args.image_id}")
+    return EXIT_OK
+
+
 def cmd_queue(client: LabelLoopClient, args: argparse.Namespace) -> int:
     from LabelLoopLib.workflow import QUEUE_HEADERS, queue_table
 
@@ -655,6 +661,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="random", help="the queue it was chosen from (default: random)")
     p.add_argument("--download", metavar="DIR", help="also download the image into DIR and print its path")
     p.set_defaults(func=cmd_take)
+
+    p = command("release", "give back an image 'next' or 'take' leased to this client, before its lease expires")
+    p.add_argument("image_id", metavar="IMAGE_ID")
+    p.set_defaults(func=cmd_release)
 
     p = command(
         "queue",
