@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import Callable, Dict, Optional
 
 from fastapi import APIRouter, Depends
@@ -22,6 +23,23 @@ def require(kind: str, name: str, available: Dict) -> None:
         raise NotFound(f"unknown {kind} {name!r}; available: {', '.join(sorted(available)) or 'none'}")
 
 
+STOP_WAIT_SECONDS = 30.0
+"""How long a stop request waits for a submitted task's process to start (a training's starts within seconds)."""
+
+
+def wait_until_started(method: str, seconds: float, poll: float = 0.05) -> bool:
+    """Wait while a ``method`` task is submitted but its process has not started (MONAI Label marks a task RUNNING
+    right after registering its process); False when ``seconds`` pass first."""
+    from monailabel.utils.async_tasks.utils import tasks
+
+    deadline = time.monotonic() + seconds
+    while any(t.get("status") == "SUBMITTED" for t in tasks(method)):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll)
+    return True
+
+
 def build_router(trainers: Callable[[], Dict], infers: Callable[[], Dict]) -> APIRouter:
     router = APIRouter()
     admin = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))
@@ -36,6 +54,13 @@ def build_router(trainers: Callable[[], Dict], infers: Callable[[], Dict]) -> AP
     ):
         require("train task", model, trainers())
         return train_endpoint.run_model(model, params, run_sync, enqueue)
+
+    @router.delete("/train/", include_in_schema=False)
+    def stop_training(user: User = admin):
+        """MONAI Label's stop, once a training just submitted has its process: stopped before that, MONAI Label
+        finds nothing to stop and the run goes on (a *Stop* pressed right after *Train*)."""
+        wait_until_started("train", STOP_WAIT_SECONDS)
+        return train_endpoint.stop()
 
     # Batch inference has its own routes: labelloop_app.batch.build_batch_router.
 
