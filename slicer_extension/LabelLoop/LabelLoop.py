@@ -425,11 +425,12 @@ class LabelLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         strategy = self.ui.strategyComboBox.currentText or "random"
         self.queueStrategy = strategy
-        client = self.logic.session.client
-        self.startJob("queue", lambda ctx: client.queue(strategy, 10), self.onQueueReady, "Fetching the queue")
+        self.fetchQueue(lambda answer: self.setStatus(self.fillQueue(answer)), "Fetching the queue")
 
-    def onQueueReady(self, answer: Dict[str, Any]) -> None:
-        self.setStatus(self.fillQueue(answer))
+    def fetchQueue(self, onDone: Callable[[Dict[str, Any]], Any], what: str = "", popup: bool = True) -> None:
+        """The next ten images of the queue last asked for, fetched in the background."""
+        client, strategy = self.logic.session.client, self.queueStrategy
+        self.startJob("queue", lambda ctx: client.queue(strategy, 10), onDone, what, popup=popup)
 
     def fillQueue(self, answer: Dict[str, Any]) -> str:
         """Show the queue in its table; returns the line that says what the queue is."""
@@ -444,10 +445,8 @@ class LabelLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def refreshQueue(self) -> None:
         """Keep a queue on show current once an image is handed out (its row moves to the leased ones)."""
-        if not self.ui.queueTableWidget.visible or self.logic.session is None:
-            return
-        client, strategy = self.logic.session.client, self.queueStrategy
-        self.startJob("queue", lambda ctx: client.queue(strategy, 10), self.fillQueue, popup=False)
+        if self.ui.queueTableWidget.visible and self.logic.session is not None:
+            self.fetchQueue(self.fillQueue, popup=False)
 
     def onSampleReady(self, sample: Optional[Sample]) -> None:
         if sample is None:

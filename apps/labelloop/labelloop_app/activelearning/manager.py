@@ -27,6 +27,7 @@ from labelloop_app.activelearning.strategies import (
     RandomStrategy,
     RarityStrategy,
     ScoreStrategy,
+    handed_out,
 )
 from labelloop_app.class_labels import CLASS_TAG
 from labelloop_app.conf import SegmentationConf
@@ -230,15 +231,13 @@ class ActiveLearning:
         labeled for the strategy's task or held by another client; the client's previous lease ends, as when it asks
         a strategy for its next image."""
         s = self._strategies[strategy]
-        datastore = self.datastore()
         with self.leases.lock:
-            if image_id not in set(datastore.list_images()):
-                raise NotFound(f"unknown image {image_id!r}")
-            leases = self.leases.active()
-            pool = self.pool(datastore, s.task, leases)
+            pool = self.pool(self.datastore(), s.task, self.leases.active())
             if image_id in pool.labeled:
                 raise Conflict(f"image {image_id!r} is already labeled for {s.task}")
             held = pool.leased.get(image_id)
+            if held is None and image_id not in pool.available:
+                raise NotFound(f"unknown image {image_id!r}")
             if held is not None and held.client_id != client_id:
                 raise Conflict(
                     f"image {image_id!r} is leased to {held.client_id!r} for another "
@@ -247,15 +246,10 @@ class ActiveLearning:
             lease = self.leases.take(image_id, client_id, strategy)
         record = readable_scores(pool.records.get(image_id))
         return {
-            "id": image_id,
+            **handed_out(pool, lease),
             "chosen": True,
             "model_version": record.get("model_version"),
-            "current_model_version": pool.model_version or None,
             "scores": record,
-            "client_id": client_id,
-            "lease": lease.state(),
-            "unlabeled": pool.unlabeled,
-            "available": len(pool.available) - (held is None),
         }
 
     def queue(self, strategy: str, k: int) -> Dict[str, Any]:

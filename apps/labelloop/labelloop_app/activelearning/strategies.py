@@ -273,6 +273,19 @@ def _rest(pool: Pool, taken: Sequence[str], rng: Optional[random.Random]) -> Lis
     return [Pick(i, None, None, None, {"unscored": True}) for i in rest]
 
 
+def handed_out(pool: Pool, lease: Lease) -> Dict[str, Any]:
+    """What every answer that hands out an image says: the image, who holds it for how long, the model now served,
+    and how many unlabeled images there are and are still available (``pool`` is from before the lease)."""
+    return {
+        "id": lease.image_id,
+        "current_model_version": pool.model_version or None,
+        "client_id": lease.client_id,
+        "lease": lease.state(),
+        "unlabeled": pool.unlabeled,
+        "available": len(pool.available) - (lease.image_id in pool.available),
+    }
+
+
 class LeasingStrategy(Strategy):
     """A MONAI Label strategy that hands out the first image of :meth:`order` and leases it to the caller.
 
@@ -314,15 +327,10 @@ class LeasingStrategy(Strategy):
             pick = picks[0]
             lease = self.leases.take(pick.image_id, client, self.name)
         result: Dict[str, Any] = {
-            "id": pick.image_id,
+            **handed_out(pool, lease),
             "score": pick.score,
             "score_name": pick.score_name,
             "model_version": pick.model_version,
-            "current_model_version": pool.model_version or None,
-            "client_id": client,
-            "lease": lease.state(),
-            "unlabeled": pool.unlabeled,
-            "available": len(pool.available) - 1,
         }
         if reason:
             result.update({"fallback": "random", "reason": reason})
