@@ -235,7 +235,8 @@ def test_a_time_budget_alone_ends_the_run_and_progress_is_shown_in_time(tmp_path
         stats = server.info()["train_stats"]["segmentation"]
         assert stats["until_budget"] is True and stats["max_minutes"] == 0.2
         assert 1 <= stats["epoch"] < stats["total_epochs"], "the epoch cap ended the run, not the budget"
-        assert 12 <= stats["elapsed_seconds"] < 60
+        assert 12 <= stats["elapsed_seconds"] < 60, "the stats stop before the budget ran out"
+        assert [e["epoch"] for e in stats["history"]] == list(range(1, len(stats["history"]) + 1))
         assert f"Done | epoch {stats['epoch']} | " in out and "/0.2 min" in out
 
         ok(cli(server.url, "train", "--minutes", "5", "--epochs", "1", "--wait", "--poll", "1", "--quiet"))

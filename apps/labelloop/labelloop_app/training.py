@@ -142,7 +142,16 @@ class PublishWithHistory(PublishStatsAndModel):
         entry.update(self.record())
         self.last = now
         self.history.append(entry)
+        return self.write(now, entry)
 
+    def run_ended(self, engine: Optional[Engine] = None):
+        """Stats where the run ended without completing an epoch (a time budget stops mid-epoch): the elapsed time
+        and iteration move on to the end, the history keeps the finished epochs only."""
+        return self.write(time.time(), self.history[-1] if self.history else {})
+
+    def write(self, now: float, entry: Dict[str, Any]):
+        """Write and publish the stats as of ``now`` (the latest history ``entry`` repeated at the top level), and
+        publish the best model if it changed."""
         stats = prepare_stats(self.start_ts, self.trainer, self.evaluator)
         stats.update(self.extra)
         stats["total_epochs"] = self.trainer.state.max_epochs
@@ -297,6 +306,10 @@ class LabelLoopTrainTask(BasicTrainTask):
             )
             engine = context.evaluator or context.trainer
             engine.add_event_handler(Events.EPOCH_COMPLETED, publisher)
+            if context.evaluator is None:
+                # A budget ends the run mid-epoch, where no EPOCH_COMPLETED follows (with an evaluator, the
+                # validation run at TERMINATE publishes): record where the run ended, not the epoch before.
+                context.trainer.add_event_handler(Events.TERMINATE, publisher.run_ended)
 
         PolyLR(context.optimizer, minutes).attach(context.trainer)
         if minutes > 0:
