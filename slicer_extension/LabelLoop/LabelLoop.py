@@ -30,7 +30,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from LabelLoopLib import colors as llcolors
-from LabelLoopLib.client import EXPLAIN_METHODS, LabelLoopClient, normalize_url
+from LabelLoopLib.client import EXPLAIN_METHODS, LabelLoopClient, default_client_id, normalize_url
 from LabelLoopLib.workflow import (
     QUEUE_HEADERS,
     AnnotationSession,
@@ -60,6 +60,7 @@ from LabelLoopLib.workflow import (
 
 SETTINGS_HISTORY = "LabelLoop/ServerHistory"
 SETTINGS_LOAD_NEXT = "LabelLoop/LoadNextAfterSubmit"
+SETTINGS_ANNOTATOR = "LabelLoop/Annotator"
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 POLL_MS = 200
 STATUS_POLL_TICKS = 10  # training / batch status every 10 * 200 ms
@@ -142,9 +143,12 @@ class LabelLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         history = self.logic.loadServerHistory()
         self.ui.serverComboBox.addItems(history or [DEFAULT_SERVER])
         self.ui.loadNextCheckBox.checked = self.logic.loadSetting(SETTINGS_LOAD_NEXT, True)
+        self.ui.annotatorLineEdit.placeholderText = default_client_id()
+        self.ui.annotatorLineEdit.text = self.logic.loadText(SETTINGS_ANNOTATOR)
 
         self.ui.connectButton.connect("clicked(bool)", self.onConnect)
         self.ui.serverComboBox.lineEdit().connect("returnPressed()", self.onConnect)
+        self.ui.annotatorLineEdit.connect("returnPressed()", self.onConnect)
         self.ui.nextSampleButton.connect("clicked(bool)", self.onNextSample)
         self.ui.showQueueButton.connect("clicked(bool)", self.onShowQueue)
         self.ui.queueTableWidget.connect("cellDoubleClicked(int,int)", self.onQueueRowChosen)
@@ -337,7 +341,9 @@ class LabelLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTraining = self._pollBatch = False
         for name in BACKGROUND_JOBS:
             self.logic.runner.cancel(name)
-        session = self.logic.connect(url)
+        annotator = self.ui.annotatorLineEdit.text.strip()
+        self.logic.saveSetting(SETTINGS_ANNOTATOR, annotator)
+        session = self.logic.connect(url, annotator or None)
         self.startJob(
             "connect", lambda ctx: session.connect(), lambda info: self.onConnected(url, info), f"Connecting to {url}"
         )
@@ -779,6 +785,11 @@ class LabelLoopLogic(ScriptedLoadableModuleLogic):
         return str(value).lower() in ("true", "1") if not isinstance(value, bool) else value
 
     @staticmethod
+    def loadText(key: str, default: str = "") -> str:
+        value = qt.QSettings().value(key, default)
+        return default if value is None else str(value)
+
+    @staticmethod
     def saveSetting(key: str, value: Any) -> None:
         qt.QSettings().setValue(key, value)
 
@@ -798,11 +809,12 @@ class LabelLoopLogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------------------------------------ session
 
-    def connect(self, url: str) -> AnnotationSession:
-        """A new client and session for ``url`` (no request is sent here)."""
+    def connect(self, url: str, clientId: Optional[str] = None) -> AnnotationSession:
+        """A new client and session for ``url`` (no request is sent here); ``clientId`` names the annotator to the
+        server's leases (default ``user@host``)."""
         if self.client is not None:
             self.client.close()
-        self.client = LabelLoopClient(url)
+        self.client = LabelLoopClient(url, client_id=clientId)
         cacheRoot = os.path.join(slicer.app.temporaryPath, "LabelLoop")
         cacheDir = os.path.join(cacheRoot, os.path.basename(default_cache_dir(self.client.server_url)))
         self.session = AnnotationSession(self.client, cache_dir=cacheDir)
@@ -988,6 +1000,8 @@ class LabelLoopTest(ScriptedLoadableModuleTest):
         self.test_learning_curve_follows_the_trainer()
         self.setUp()
         self.test_explanation_map_overlays_the_sample_until_the_next()
+        self.setUp()
+        self.test_annotator_names_the_client_to_the_leases()
 
     def test_seg_nrrd_round_trip_through_slicer(self) -> None:
         self.delayDisplay("Segmentation file round trip through Slicer")
@@ -1031,6 +1045,16 @@ class LabelLoopTest(ScriptedLoadableModuleTest):
         runner.poll()
         self.assertEqual(results, [49])
         self.delayDisplay("Job runner passed")
+
+    def test_annotator_names_the_client_to_the_leases(self) -> None:
+        self.delayDisplay("Annotator name of the panel's client")
+        logic = LabelLoopLogic()
+        self.assertEqual(logic.connect("http://127.0.0.1:1", "reader-2").client.client_id, "reader-2")
+        self.assertEqual(logic.connect("http://127.0.0.1:1").client.client_id, default_client_id())
+        logic.saveSetting(SETTINGS_ANNOTATOR, "reader-3")
+        self.assertEqual(logic.loadText(SETTINGS_ANNOTATOR), "reader-3")
+        logic.saveSetting(SETTINGS_ANNOTATOR, "")
+        self.delayDisplay("Annotator name passed")
 
     def test_learning_curve_follows_the_trainer(self) -> None:
         self.delayDisplay("Learning curve of a segmentation, then of a classification trainer")
