@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from types import SimpleNamespace
 
@@ -106,3 +107,45 @@ def test_preprocessed_images_come_from_the_cache_dataset_and_the_rest_is_compute
         for _ in range(2):
             assert [float(images[f"i{k}"].max()) for k in range(3)] == [0.0, 2.0, 4.0]
         assert len(calls) == 3 - len(cached_ids)  # each image not cached: once, then kept
+
+
+@pytest.mark.parametrize("with_evaluator", [False, True])
+def test_stats_are_published_where_a_time_budget_ends_the_run_mid_epoch(tmp_path, with_evaluator):
+    """Epochs of 2 s against a 1 s budget: no epoch completes, yet the stats show the run's end (elapsed time at
+    least the budget, the iterations done) with an empty history; with an evaluator the final validation publishes."""
+    from monai.engines import SupervisedEvaluator, SupervisedTrainer
+
+    from labelloop_app.training import PublishWithHistory
+
+    net = torch.nn.Linear(2, 1)
+    items = [{"image": torch.zeros(2), "label": torch.zeros(1)} for _ in range(20)]
+    batches = torch.utils.data.DataLoader(items, batch_size=1)
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=3,
+        train_data_loader=batches,
+        network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        loss_function=torch.nn.MSELoss(),
+    )
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: time.sleep(0.1))
+    evaluator = (
+        SupervisedEvaluator(torch.device("cpu"), torch.utils.data.DataLoader(items[:2]), net)
+        if with_evaluator
+        else None
+    )
+    start = time.time()
+    publisher = PublishWithHistory(
+        str(tmp_path / "stats.json"), None, "model.pt", start, "run", str(tmp_path), trainer, evaluator,
+        record=lambda: {"loss": 0.5}, extra={"max_minutes": 1 / 60},
+    )  # fmt: skip
+    publisher.attach(trainer, evaluator)
+    attach_time_budget(trainer, 1 / 60, evaluator)
+    trainer.run()
+
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["epoch"] == 1 and 5 <= stats["current_iteration"] < 20
+    assert stats["elapsed_seconds"] >= 1.0 and stats["max_minutes"] == 1 / 60
+    assert stats["history"] == (
+        [{"epoch": 1, "seconds": stats["history"][0]["seconds"], "loss": 0.5}] if with_evaluator else []
+    )

@@ -144,6 +144,14 @@ class PublishWithHistory(PublishStatsAndModel):
         self.history.append(entry)
         return self.write(now, entry)
 
+    def attach(self, trainer: Engine, evaluator: Optional[Engine] = None) -> None:
+        """Publish after each validation, or after each epoch without one. A time budget ends the run mid-epoch,
+        where no epoch completes: with an evaluator the final validation publishes; without one, the end of the run
+        is published, not left at the epoch before."""
+        (evaluator or trainer).add_event_handler(Events.EPOCH_COMPLETED, self)
+        if evaluator is None:
+            trainer.add_event_handler(Events.TERMINATE, self.run_ended)
+
     def run_ended(self, engine: Optional[Engine] = None):
         """Stats where the run ended without completing an epoch (a time budget stops mid-epoch): the elapsed time
         and iteration move on to the end, the history keeps the finished epochs only."""
@@ -304,12 +312,7 @@ class LabelLoopTrainTask(BasicTrainTask):
                 record=lambda: self.record(context, loss),
                 extra=self.stats_extra(context),
             )
-            engine = context.evaluator or context.trainer
-            engine.add_event_handler(Events.EPOCH_COMPLETED, publisher)
-            if context.evaluator is None:
-                # A budget ends the run mid-epoch, where no EPOCH_COMPLETED follows (with an evaluator, the
-                # validation run at TERMINATE publishes): record where the run ended, not the epoch before.
-                context.trainer.add_event_handler(Events.TERMINATE, publisher.run_ended)
+            publisher.attach(context.trainer, context.evaluator)
 
         PolyLR(context.optimizer, minutes).attach(context.trainer)
         if minutes > 0:
