@@ -389,7 +389,7 @@ def test_training_fine_tunes_the_served_model_unless_asked_to_start_afresh(cls_t
     assert tuned.keys() == served.keys() and all(torch.equal(tuned[k], served[k]) for k in served)
     try:
         stamp = published.stat().st_mtime
-        train(pretrained=False)
+        train(pretrained="false")  # as text, the way a settings table sends it: read as false, not as true
         assert published.stat().st_mtime > stamp, "the run published nothing"
         fresh = weights()
         assert any(not torch.equal(fresh[k], served[k]) for k in served)

@@ -148,3 +148,23 @@ def test_present_values_match_numpy_unique(dtype):
     if np.issubdtype(dtype, np.signedinteger):
         values[0, 0, 0] = -3
     np.testing.assert_array_equal(present_values(values), np.unique(values))
+
+
+def test_training_parameters_are_read_as_the_trainer_uses_them():
+    from labelloop_app.train_request import check_train_request, read_request
+
+    config = {"max_epochs": 50, "pretrained": True, "dataset": "CacheDataset", "device": ["cpu"]}
+    typed, found = read_request(
+        {"max_epochs": "2", "pretrained": "false", "val_split": "0.25", "device": "cuda", "train_ds": [1], "x": 1},
+        config,
+    )
+    assert found == []
+    assert typed == {"max_epochs": 2, "pretrained": False, "val_split": 0.25, "device": "cuda", "train_ds": [1], "x": 1}
+    assert isinstance(typed["max_epochs"], int) and typed["pretrained"] is False
+    _, found = read_request({"max_epochs": True, "learning_rate": float("nan"), "pretrianed": 1}, config)
+    assert found == [
+        "max_epochs takes a whole number of epochs, at least 1, not True",
+        "learning_rate takes a number, 0 or more, not nan",
+        "unknown parameter 'pretrianed': did you mean 'pretrained'?",
+    ]
+    assert check_train_request("m", None, config) is None and check_train_request("m", {}, config) == {}

@@ -257,6 +257,30 @@ def test_unknown_names_rejected(server, path, status, words):
     assert snapshot(server.studies) == before
 
 
+@pytest.mark.parametrize(
+    "params,words",
+    [
+        ({"max_epochs": "abc"}, ["max_epochs takes a whole number of epochs, at least 1, not 'abc'"]),
+        ({"max_epochs": 0, "max_minutes": -5}, ["max_epochs takes", "not 0", "max_minutes takes", "not -5"]),
+        ({"max_epochs": 2.5}, ["max_epochs takes a whole number"]),
+        ({"learning_rate": "fast"}, ["learning_rate takes a number, 0 or more, not 'fast'"]),
+        ({"val_split": 1}, ["val_split takes a share"]),
+        ({"pretrained": "maybe"}, ["pretrained takes true or false, not 'maybe'"]),
+        ({"dataset": "MyDataset"}, ["dataset takes one of", "CacheDataset", "not 'MyDataset'"]),
+        ({"max_epoch": 3}, ["unknown parameter 'max_epoch': did you mean 'max_epochs'?"]),
+    ],
+)
+def test_training_parameters_a_run_cannot_take_are_refused_before_it_starts(server, params, words):
+    before, last_run = snapshot(server.studies), server.get("/train/").text
+    r = server.post("/train/segmentation", json=params)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"].startswith("cannot train 'segmentation': ")
+    for w in words:
+        assert w in r.json()["detail"]
+    assert server.get("/train/").text == last_run, "a training started"
+    assert snapshot(server.studies) == before
+
+
 @pytest.mark.parametrize("image_id,tag", [("../escape", "final"), ("case_000", "../../escape"), ("a/b", "final")])
 def test_path_tricks_in_ids_rejected(server, tmp_path, image_id, tag):
     img = write_case(tmp_path, "x", seed=3, **SMALL)

@@ -1,5 +1,6 @@
 """Routes LabelLoop puts in front of MONAI Label's own, so that unknown task names get a 404 naming the
-valid ones instead of a background task that fails later. They delegate to MONAI Label's endpoint functions."""
+valid ones, and training parameters a run cannot take a 422 naming them, instead of a background task that fails
+later. They delegate to MONAI Label's endpoint functions."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from monailabel.endpoints import train as train_endpoint
 from monailabel.endpoints.user.auth import RBAC, User
 
 from labelloop_app.errors import NotFound
+from labelloop_app.train_request import check_train_request
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ def build_router(trainers: Callable[[], Dict], infers: Callable[[], Dict]) -> AP
         user: User = admin,
     ):
         require("train task", model, trainers())
+        params = check_train_request(model, params, trainers()[model].config())
         return train_endpoint.run_model(model, params, run_sync, enqueue)
 
     @router.delete("/train/", include_in_schema=False)
