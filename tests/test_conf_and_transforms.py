@@ -150,21 +150,26 @@ def test_present_values_match_numpy_unique(dtype):
     np.testing.assert_array_equal(present_values(values), np.unique(values))
 
 
-def test_training_parameters_are_read_as_the_trainer_uses_them():
-    from labelloop_app.train_request import check_train_request, read_request
+def test_request_parameters_are_read_as_the_tasks_use_them():
+    from labelloop_app.request_params import INFER_RULES, TRAIN_RULES, checked, read_params
 
     config = {"max_epochs": 50, "pretrained": True, "dataset": "CacheDataset", "device": ["cpu"]}
-    typed, found = read_request(
+    typed, found = read_params(
         {"max_epochs": "2", "pretrained": "false", "val_split": "0.25", "device": "cuda", "train_ds": [1], "x": 1},
+        TRAIN_RULES,
         config,
     )
     assert found == []
     assert typed == {"max_epochs": 2, "pretrained": False, "val_split": 0.25, "device": "cuda", "train_ds": [1], "x": 1}
     assert isinstance(typed["max_epochs"], int) and typed["pretrained"] is False
-    _, found = read_request({"max_epochs": True, "learning_rate": float("nan"), "pretrianed": 1}, config)
+    _, found = read_params({"max_epochs": True, "learning_rate": float("nan"), "pretrianed": 1}, TRAIN_RULES, config)
     assert found == [
         "max_epochs takes a whole number of epochs, at least 1, not True",
         "learning_rate takes a number, 0 or more, not nan",
         "unknown parameter 'pretrianed': did you mean 'pretrained'?",
     ]
-    assert check_train_request("m", None, config) is None and check_train_request("m", {}, config) == {}
+    typed, found = read_params({"roi_size": "[48, 48, 32]", "image": "a", "sw_overlp": 0.5}, INFER_RULES)
+    assert typed["roi_size"] == [48, 48, 32] and found == []  # near misses are only looked for in training
+    assert read_params({"roi_size": 64}, INFER_RULES)[0]["roi_size"] == [64, 64, 64]
+    assert read_params({"roi_size": "48,48"}, INFER_RULES)[1] != []
+    assert checked("x", None, TRAIN_RULES) is None and checked("x", {}, TRAIN_RULES) == {}

@@ -281,6 +281,56 @@ def test_training_parameters_a_run_cannot_take_are_refused_before_it_starts(serv
     assert snapshot(server.studies) == before
 
 
+@pytest.mark.parametrize(
+    "params,words",
+    [
+        ({"sw_overlap": "x"}, ["sw_overlap takes a share of the window, from 0 up to (not including) 1, not 'x'"]),
+        ({"sw_overlap": 1.5, "sw_batch_size": 0}, ["sw_overlap takes", "not 1.5", "sw_batch_size takes", "not 0"]),
+        ({"roi_size": "abc"}, ["roi_size takes a window size", "not 'abc'"]),
+        ({"roi_size": [0, 0, 0]}, ["roi_size takes a window size", "not [0, 0, 0]"]),
+        ({"restore": "bogus"}, ["restore takes linear or nearest, not 'bogus'"]),
+    ],
+)
+def test_inference_parameters_a_model_cannot_take_are_refused(trained_server, params, words):
+    """Before, each of these made ``/infer`` answer 500 (or, for ``restore``, quietly used another mode), and a batch
+    started and failed on every image."""
+    s = trained_server.server
+    before = snapshot(s.studies)
+    single = s.post("/infer/segmentation?image=case_005&output=json", data={"params": json.dumps(params)})
+    batch = s.post("/batch/infer/segmentation?images=case_005", json=params)
+    for r, what in ((single, "infer with"), (batch, "run batch inference with")):
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"].startswith(f"cannot {what} 'segmentation': ")
+        for w in words:
+            assert w in r.json()["detail"]
+    assert snapshot(s.studies) == before
+
+
+def test_inference_parameters_given_as_text_are_read_as_numbers(trained_server):
+    params = {"roi_size": "48,48,32", "sw_batch_size": "2", "sw_overlap": "0.25"}
+    r = trained_server.post("/infer/segmentation?image=case_005&output=json", data={"params": json.dumps(params)})
+    assert r.status_code == 200, r.text
+    assert r.json()["label_names"] == {"liver": 1, "spleen": 2, "kidney_left": 3, "kidney_right": 4}
+
+
+@pytest.mark.parametrize(
+    "params,words",
+    [
+        ({"max_images": -1}, ["max_images takes a whole number of images, at least 1, not -1"]),
+        ({"max_images": "x", "force": "perhaps"}, ["max_images takes", "not 'x'", "force takes true or false"]),
+    ],
+)
+def test_scoring_parameters_a_run_cannot_take_are_refused(server, params, words):
+    """Before, ``max_images: -1`` scored every image but the last, and ``"x"`` failed in the background."""
+    before = snapshot(server.studies)
+    r = server.post("/scoring/segmentation", json=params)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"].startswith("cannot score with 'segmentation': ")
+    for w in words:
+        assert w in r.json()["detail"]
+    assert snapshot(server.studies) == before
+
+
 @pytest.mark.parametrize("image_id,tag", [("../escape", "final"), ("case_000", "../../escape"), ("a/b", "final")])
 def test_path_tricks_in_ids_rejected(server, tmp_path, image_id, tag):
     img = write_case(tmp_path, "x", seed=3, **SMALL)

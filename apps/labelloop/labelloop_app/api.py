@@ -15,7 +15,7 @@ from monailabel.endpoints import train as train_endpoint
 from monailabel.endpoints.user.auth import RBAC, User
 
 from labelloop_app.errors import NotFound
-from labelloop_app.train_request import check_train_request
+from labelloop_app.request_params import TRAIN_RULES, checked
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def build_router(trainers: Callable[[], Dict], infers: Callable[[], Dict]) -> AP
         user: User = admin,
     ):
         require("train task", model, trainers())
-        params = check_train_request(model, params, trainers()[model].config())
+        params = checked(f"train {model!r}", params, TRAIN_RULES, trainers()[model].config())
         return train_endpoint.run_model(model, params, run_sync, enqueue)
 
     @router.delete("/train/", include_in_schema=False)

@@ -28,6 +28,7 @@ from labelloop_app.errors import NotFound
 from labelloop_app.infer_classification import ClassificationInfer, DetectorInfer
 from labelloop_app.infer_segmentation import SegmentationInfer
 from labelloop_app.networks import classification_network, segmentation_network
+from labelloop_app.request_params import INFER_RULES, checked
 from labelloop_app.torch_threads import use_inference_threads
 from labelloop_app.train_classification import ClassificationTrain
 from labelloop_app.train_detector import DetectorTrain
@@ -167,6 +168,7 @@ class LabelLoopApp(MONAILabelApp):
 
     def infer(self, request, datastore=None):
         require("model", request.get("model", ""), self._infers)
+        request = checked(f"infer with {request['model']!r}", request, INFER_RULES)
         image = request.get("image")
         if isinstance(image, str) and not (datastore or self.datastore()).get_image_uri(image):
             if not _is_uploaded_file(image):

@@ -45,6 +45,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from labelloop_app.datastore import LabelLoopDatastore
 from labelloop_app.errors import BadRequest, Conflict, NotFound, UnprocessableInput
 from labelloop_app.geometry import UnreadableImageError
+from labelloop_app.request_params import INFER_RULES, checked
 from labelloop_app.torch_threads import INFERENCE_THREADS, use_inference_threads
 
 logger = logging.getLogger(__name__)
@@ -366,6 +367,7 @@ class LabelLoopBatchInfer(BatchInferTask):
         task = self.infers().get(model)
         if task is None:
             raise NotFound(f"unknown model {model!r}; available: {', '.join(sorted(self.infers())) or 'none'}")
+        params = checked(f"run batch inference with {model!r}", params, INFER_RULES)
         tag = params.get("label_tag") or DefaultLabelTag.ORIGINAL.value
         if str(tag) != DefaultLabelTag.ORIGINAL.value:
             raise UnprocessableInput(

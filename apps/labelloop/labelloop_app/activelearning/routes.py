@@ -19,6 +19,7 @@ from labelloop_app.activelearning.leases import anonymous_client
 from labelloop_app.activelearning.manager import ActiveLearning
 from labelloop_app.api import require
 from labelloop_app.errors import BadRequest, NotFound
+from labelloop_app.request_params import SCORING_RULES, checked
 
 
 def build_router(al: ActiveLearning) -> APIRouter:
@@ -57,6 +58,7 @@ def build_router(al: ActiveLearning) -> APIRouter:
         require("scoring method", method, al._methods)
         if params is not None and not isinstance(params, dict):
             raise BadRequest("the request body must be a JSON object of scoring parameters")
+        params = checked(f"score with {method!r}", params, SCORING_RULES)
         if run_sync:
             return al.background.run_sync(method, params)
         return al.background.submit(method, params)
