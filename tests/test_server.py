@@ -331,6 +331,17 @@ def test_scoring_parameters_a_run_cannot_take_are_refused(server, params, words)
     assert snapshot(server.studies) == before
 
 
+def test_a_client_id_that_is_not_a_name_is_refused(server):
+    """Before, a list was leased to as its text ``"['x']"``."""
+    asked = server.post("/activelearning/random", json={"client_id": ["x"]})
+    taken = server.post("/labelloop/lease", params={"image": "case_005", "client_id": "a\nb"})
+    for r, what in ((asked, "ask 'random'"), (taken, "lease 'case_005'")):
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"].startswith(f"cannot {what}: client_id takes a name of up to 200 printable characters")
+    holders = [e["lease"]["client_id"] for e in server.get("/labelloop/queue?strategy=random").json()["leased"]]
+    assert not any(h in ("['x']", "a\nb", "a b") for h in holders), holders
+
+
 @pytest.mark.parametrize("image_id,tag", [("../escape", "final"), ("case_000", "../../escape"), ("a/b", "final")])
 def test_path_tricks_in_ids_rejected(server, tmp_path, image_id, tag):
     img = write_case(tmp_path, "x", seed=3, **SMALL)

@@ -28,7 +28,7 @@ from labelloop_app.errors import NotFound
 from labelloop_app.infer_classification import ClassificationInfer, DetectorInfer
 from labelloop_app.infer_segmentation import SegmentationInfer
 from labelloop_app.networks import classification_network, segmentation_network
-from labelloop_app.request_params import INFER_RULES, checked
+from labelloop_app.request_params import INFER_RULES, STRATEGY_RULES, checked
 from labelloop_app.torch_threads import use_inference_threads
 from labelloop_app.train_classification import ClassificationTrain
 from labelloop_app.train_detector import DetectorTrain
@@ -180,4 +180,5 @@ class LabelLoopApp(MONAILabelApp):
 
     def next_sample(self, request):
         require("strategy", request.get("strategy", ""), self._strategies)
+        request = checked(f"ask {request['strategy']!r}", request, STRATEGY_RULES)
         return super().next_sample(request)

@@ -46,6 +46,15 @@ def _size3(value: Any) -> Optional[List[int]]:
     return sizes if len(sizes) == 3 and None not in sizes else None
 
 
+def _name(value: Any) -> Optional[str]:
+    """A short name on one line (an annotator's client id; empty: none given)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str) or len(value) > 200 or not value.isprintable():
+        return None
+    return value.strip()
+
+
 def _one_of(*choices: str) -> Callable[[Any], Optional[str]]:
     return lambda value: value if isinstance(value, str) and value in choices else None
 
@@ -84,6 +93,10 @@ INFER_RULES: Dict[str, Rule] = {
     "sw_batch_size": (_integer, AT_LEAST_1, "a whole number of windows, at least 1"),
     "roi_size": (_size3, lambda v: min(v) >= 1, "a window size: one or three whole numbers of voxels, at least 1"),
     "restore": (_one_of("linear", "nearest"), ANY, "linear or nearest"),
+}
+
+STRATEGY_RULES: Dict[str, Rule] = {
+    "client_id": (_name, ANY, "a name of up to 200 printable characters"),
 }
 
 SCORING_RULES: Dict[str, Rule] = {

@@ -19,7 +19,7 @@ from labelloop_app.activelearning.leases import anonymous_client
 from labelloop_app.activelearning.manager import ActiveLearning
 from labelloop_app.api import require
 from labelloop_app.errors import BadRequest, NotFound
-from labelloop_app.request_params import SCORING_RULES, checked
+from labelloop_app.request_params import SCORING_RULES, STRATEGY_RULES, checked
 
 
 def build_router(al: ActiveLearning) -> APIRouter:
@@ -39,6 +39,7 @@ def build_router(al: ActiveLearning) -> APIRouter:
     @router.post("/labelloop/lease", summary="Lease an image the annotator chose, as a strategy would hand it out")
     def take(image: str, strategy: str = "random", client_id: Optional[str] = None, user: User = annotator):
         require("strategy", strategy, al._strategies)
+        client_id = checked(f"lease {image!r}", {"client_id": client_id}, STRATEGY_RULES)["client_id"]
         return al.take(strategy, image, client_id or anonymous_client())
 
     @router.delete("/labelloop/lease", summary="Give back an image handed out by a strategy")
