@@ -342,6 +342,31 @@ def test_a_client_id_that_is_not_a_name_is_refused(server):
     assert not any(h in ("['x']", "a\nb", "a b") for h in holders), holders
 
 
+@pytest.mark.parametrize(
+    "method,path,field,text,upload",
+    [
+        ("put", "/datastore/label?image=case_000&tag=final", "params", "{bad", "label"),
+        ("put", "/datastore/label?image=case_000&tag=final", "params", "[1, 2]", "label"),
+        ("put", "/datastore/image?image=fresh_case", "params", "5", "file"),
+        ("put", "/datastore/image/info?image=case_000", "info", "{bad", None),
+        ("put", "/datastore/label/info?label=case_000&tag=final", "info", '"text"', None),
+        ("post", "/infer/segmentation?image=case_000&output=json", "params", "{bad", None),
+    ],
+)
+def test_a_json_form_field_that_is_not_a_json_object_is_refused(server, method, path, field, text, upload):
+    """Before, each of these was a 500 from inside MONAI Label's endpoint."""
+    label = server.studies / "labels" / "final" / "case_000.nii.gz"
+    before = snapshot(server.studies)
+    files = {upload: (label.name, label.read_bytes())} if upload else None
+    r = getattr(server, method)(path, data={field: text}, files=files)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"].startswith(f"form field {field!r} ")
+    assert ("is not valid JSON" if text.startswith("{") else f"must be a JSON object, not {text!r}") in r.json()[
+        "detail"
+    ]
+    assert snapshot(server.studies) == before
+
+
 @pytest.mark.parametrize("image_id,tag", [("../escape", "final"), ("case_000", "../../escape"), ("a/b", "final")])
 def test_path_tricks_in_ids_rejected(server, tmp_path, image_id, tag):
     img = write_case(tmp_path, "x", seed=3, **SMALL)

@@ -15,6 +15,7 @@ from monailabel.endpoints import train as train_endpoint
 from monailabel.endpoints.user.auth import RBAC, User
 
 from labelloop_app.errors import NotFound
+from labelloop_app.form_json import build_form_json_router
 from labelloop_app.request_params import TRAIN_RULES, checked
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,15 @@ def build_router(trainers: Callable[[], Dict], infers: Callable[[], Dict]) -> AP
 def install_routes(trainers: Callable[[], Dict], infers: Callable[[], Dict]) -> bool:
     """Put LabelLoop's routes first in the running server's route table (no-op outside the server process)."""
     return install_router(build_router(trainers, infers))
+
+
+def install_form_json_checks() -> bool:
+    """Put a check of their JSON form fields in front of MONAI Label's endpoints that read one
+    (:mod:`labelloop_app.form_json`); no-op outside the server process."""
+    server = sys.modules.get("monailabel.app")
+    if server is None or not hasattr(server, "app"):
+        return False
+    return install_router(build_form_json_router(list(server.app.router.routes)))
 
 
 def install_router(router: APIRouter) -> bool:

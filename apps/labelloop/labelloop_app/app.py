@@ -19,7 +19,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 import labelloop_app
 from labelloop_app.activelearning import ActiveLearning, ActiveLearningConf
 from labelloop_app.activelearning import build_router as build_al_router
-from labelloop_app.api import install_router, install_routes, require
+from labelloop_app.api import install_form_json_checks, install_router, install_routes, require
 from labelloop_app.batch import InteractiveGate, LabelLoopBatchInfer, build_batch_router
 from labelloop_app.class_labels import ClassLabelCheck, build_classes_router
 from labelloop_app.conf import ClassificationConf, SegmentationConf, parse_tasks
@@ -85,6 +85,7 @@ class LabelLoopApp(MONAILabelApp):
             version=labelloop_app.__version__,
             labels=dict(self.seg_conf.labels),
         )
+        install_form_json_checks()
         install_routes(lambda: self._trainers, lambda: self._infers)
         if isinstance(self._batch_infer, LabelLoopBatchInfer):
             install_router(build_batch_router(self._batch_infer))
