@@ -18,6 +18,7 @@ from conftest import (
     assert_same_geometry,
     datastore_json,
     label_values,
+    make_studies,
     snapshot,
     start_server,
     stop_server,
@@ -365,6 +366,26 @@ def test_a_json_form_field_that_is_not_a_json_object_is_refused(server, method, 
         "detail"
     ]
     assert snapshot(server.studies) == before
+
+
+def test_training_with_nothing_to_train_on_is_refused_before_it_starts(tmp_path):
+    """Before, MONAI Label answered 200 and the run failed in the background."""
+    studies = make_studies(tmp_path, n_labeled=0, n_unlabeled=2)
+    conf = {**FAST_CONF, "auto_scoring": "false", "tasks": "segmentation,classification"}
+    s = start_server(studies, tmp_path / "models", tmp_path / "server.log", conf)
+    try:
+        before = snapshot(studies)
+        for model, words in (
+            ("segmentation", "no image has a final label yet; submit labels first"),
+            ("classification", "no class labels to train on: submit labels with tag 'class' first"),
+        ):
+            r = s.post(f"/train/{model}", json={"max_epochs": 1})
+            assert r.status_code == 409, r.text
+            assert r.json()["detail"] == f"cannot train {model!r}: {words}"
+        assert s.get("/train/").status_code == 404, "a training started"
+        assert snapshot(studies) == before
+    finally:
+        stop_server(s)
 
 
 @pytest.mark.parametrize("image_id,tag", [("../escape", "final"), ("case_000", "../../escape"), ("a/b", "final")])

@@ -7,14 +7,14 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 from fastapi import APIRouter, Depends
 from monailabel.config import settings
 from monailabel.endpoints import train as train_endpoint
 from monailabel.endpoints.user.auth import RBAC, User
 
-from labelloop_app.errors import NotFound
+from labelloop_app.errors import Conflict, NotFound
 from labelloop_app.form_json import build_form_json_router
 from labelloop_app.request_params import TRAIN_RULES, checked
 
@@ -43,7 +43,18 @@ def wait_until_started(method: str, seconds: float, poll: float = 0.05) -> bool:
     return True
 
 
-def build_router(trainers: Callable[[], Dict], infers: Callable[[], Dict]) -> APIRouter:
+def require_training_data(model: str, trainer: Any, params: Optional[dict], datastore: Any) -> None:
+    """A 409 when ``trainer`` has nothing to train on: its datalist (what the run would train on) is empty or
+    cannot be made. MONAI Label would start the run, which then fails in the background."""
+    try:
+        datalist = trainer.pre_process({**trainer.config(), **(params or {})}, datastore)
+    except ValueError as e:
+        raise Conflict(f"cannot train {model!r}: {e}") from e
+    if not datalist:
+        raise Conflict(f"cannot train {model!r}: no image has a final label yet; submit labels first")
+
+
+def build_router(trainers: Callable[[], Dict], infers: Callable[[], Dict], datastore: Callable[[], Any]) -> APIRouter:
     router = APIRouter()
     admin = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))
 
@@ -57,6 +68,7 @@ def build_router(trainers: Callable[[], Dict], infers: Callable[[], Dict]) -> AP
     ):
         require("train task", model, trainers())
         params = checked(f"train {model!r}", params, TRAIN_RULES, trainers()[model].config())
+        require_training_data(model, trainers()[model], params, datastore())
         return train_endpoint.run_model(model, params, run_sync, enqueue)
 
     @router.delete("/train/", include_in_schema=False)
@@ -71,9 +83,9 @@ def build_router(trainers: Callable[[], Dict], infers: Callable[[], Dict]) -> AP
     return router
 
 
-def install_routes(trainers: Callable[[], Dict], infers: Callable[[], Dict]) -> bool:
+def install_routes(trainers: Callable[[], Dict], infers: Callable[[], Dict], datastore: Callable[[], Any]) -> bool:
     """Put LabelLoop's routes first in the running server's route table (no-op outside the server process)."""
-    return install_router(build_router(trainers, infers))
+    return install_router(build_router(trainers, infers, datastore))
 
 
 def install_form_json_checks() -> bool:

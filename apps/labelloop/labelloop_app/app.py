@@ -86,7 +86,7 @@ class LabelLoopApp(MONAILabelApp):
             labels=dict(self.seg_conf.labels),
         )
         install_form_json_checks()
-        install_routes(lambda: self._trainers, lambda: self._infers)
+        install_routes(lambda: self._trainers, lambda: self._infers, self.datastore)
         if isinstance(self._batch_infer, LabelLoopBatchInfer):
             install_router(build_batch_router(self._batch_infer))
         install_router(build_al_router(self.al))
