@@ -67,8 +67,9 @@ def build_router(trainers: Callable[[], Dict], infers: Callable[[], Dict], datas
         user: User = admin,
     ):
         require("train task", model, trainers())
-        params = checked(f"train {model!r}", params, TRAIN_RULES, trainers()[model].config())
-        require_training_data(model, trainers()[model], params, datastore())
+        trainer = trainers()[model]
+        params = checked(f"train {model!r}", params, TRAIN_RULES, trainer.config())
+        require_training_data(model, trainer, params, datastore())
         return train_endpoint.run_model(model, params, run_sync, enqueue)
 
     @router.delete("/train/", include_in_schema=False)

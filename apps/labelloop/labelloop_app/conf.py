@@ -23,12 +23,18 @@ class ConfError(ValueError):
     """A ``--conf`` value that cannot be used."""
 
 
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+RESTORE_MODES = ("linear", "nearest")
+"""How a label map is put back on the input grid: resampling the class probabilities, or the labels."""
+
+
 def parse_bool(value: Any, default: bool = False) -> bool:
     if value is None or value == "":
         return default
     if isinstance(value, bool):
         return value
-    return str(value).strip().lower() in ("1", "true", "yes", "on")
+    return str(value).strip().lower() in TRUE_WORDS
 
 
 def parse_floats(value: Any, n: int, name: str, positive: bool = True) -> Tuple[float, ...]:
@@ -133,8 +139,8 @@ class SegmentationConf:
         if modality not in MODALITIES:
             raise ConfError(f"--conf modality {conf.get('modality')!r} is not one of CT, MR")
         restore = str(conf.get("restore", cls.restore)).strip().lower()
-        if restore not in ("linear", "nearest"):
-            raise ConfError(f"--conf restore {restore!r} is not one of linear, nearest")
+        if restore not in RESTORE_MODES:
+            raise ConfError(f"--conf restore {restore!r} is not one of {', '.join(RESTORE_MODES)}")
         return cls(
             labels=parse_labels(conf.get("labels")),
             network=network,

@@ -13,9 +13,8 @@ import difflib
 import math
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
+from labelloop_app.conf import FALSE_WORDS, RESTORE_MODES, TRUE_WORDS, ConfError, parse_floats
 from labelloop_app.errors import UnprocessableInput
-
-BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
 
 
 def _number(value: Any) -> Optional[float]:
@@ -34,16 +33,19 @@ def _integer(value: Any) -> Optional[int]:
 
 
 def _boolean(value: Any) -> Optional[bool]:
-    return value if isinstance(value, bool) else BOOL_WORDS.get(str(value).strip().lower())
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    return True if word in TRUE_WORDS else False if word in FALSE_WORDS else None
 
 
 def _size3(value: Any) -> Optional[List[int]]:
-    """``48``, ``[48, 48, 32]`` or ``"48,48,32"`` as three whole numbers."""
-    if isinstance(value, str):
-        value = [v for v in value.strip().strip("[]()").replace(" ", ",").split(",") if v]
-    items = list(value) if isinstance(value, (list, tuple)) else [value] * 3
-    sizes = [_integer(v) for v in items]
-    return sizes if len(sizes) == 3 and None not in sizes else None
+    """``48``, ``[48, 48, 32]`` or ``"48,48,32"`` as three whole numbers (read as ``--conf roi_size`` is)."""
+    try:
+        sizes = [_integer(v) for v in parse_floats(value, 3, "roi_size", positive=False)]
+    except ConfError:
+        return None
+    return None if None in sizes else sizes
 
 
 def _name(value: Any) -> Optional[str]:
@@ -92,7 +94,7 @@ INFER_RULES: Dict[str, Rule] = {
     "sw_overlap": (_number, lambda v: 0 <= v < 1, "a share of the window, from 0 up to (not including) 1"),
     "sw_batch_size": (_integer, AT_LEAST_1, "a whole number of windows, at least 1"),
     "roi_size": (_size3, lambda v: min(v) >= 1, "a window size: one or three whole numbers of voxels, at least 1"),
-    "restore": (_one_of("linear", "nearest"), ANY, "linear or nearest"),
+    "restore": (_one_of(*RESTORE_MODES), ANY, " or ".join(RESTORE_MODES)),
 }
 
 STRATEGY_RULES: Dict[str, Rule] = {
