@@ -245,7 +245,7 @@ def test_unsupported_upload_type_rejected(server, tmp_path):
         ("/train/nope", 404, ["unknown train task 'nope'"]),
         ("/batch/infer/nope", 404, ["unknown model 'nope'"]),
         ("/activelearning/nope", 404, ["unknown strategy 'nope'", "random"]),
-        ("/infer/segmentation?image=no_such_image", 404, ["'no_such_image' is not in the datastore"]),
+        ("/infer/segmentation?image=no_such_image", 404, ["no_such_image' is not in the datastore"]),
         ("/infer/segmentation?image=../../etc/passwd", 400, ["invalid image"]),
     ],
 )
@@ -256,6 +256,39 @@ def test_unknown_names_rejected(server, path, status, words):
     for w in words:
         assert w in r.json()["detail"]
     assert snapshot(server.studies) == before
+
+
+@pytest.mark.parametrize(
+    "method,path,status,words",
+    [
+        ("get", "/datastore/image/info?image=no_such_image", 404, ["image 'no_such_image' is not in the datastore"]),
+        ("get", "/datastore/image/info?image=../../etc/passwd", 400, ["invalid image id '../../etc/passwd'"]),
+        ("get", "/datastore/label/info?label=no_such_image&tag=final", 404, ["no_such_image' is not in the datastore"]),
+        ("get", "/datastore/label/info?label=case_000&tag=nope", 404, ["no 'nope' label for image 'case_000'"]),
+        ("get", "/datastore/label/info?label=case_000&tag=../final", 400, ["invalid label tag '../final'"]),
+        ("put", "/datastore/image/info?image=no_such_image", 404, ["image 'no_such_image' is not in the datastore"]),
+        ("put", "/datastore/label/info?label=case_000&tag=nope", 404, ["no 'nope' label for image 'case_000'"]),
+        ("put", "/datastore/label/info?label=no_such_image&tag=final", 404, ["no_such_image' is not in the datastore"]),
+    ],
+)
+def test_info_of_what_is_not_stored_is_a_404_and_changes_nothing(server, method, path, status, words):
+    """MONAI Label answers these reads with 200 ``{}`` and these updates with a 500."""
+    before = snapshot(server.studies)
+    kw = {"data": {"info": json.dumps({"note": "x"})}} if method == "put" else {}
+    r = getattr(server, method)(path, **kw)
+    assert r.status_code == status, r.text
+    for w in words:
+        assert w in r.json()["detail"]
+    assert snapshot(server.studies) == before
+
+
+def test_info_of_stored_images_and_labels_still_reads_and_updates(server):
+    image = server.get("/datastore/image/info?image=case_001")
+    assert image.status_code == 200 and image.json()["name"].startswith("case_001"), image.text
+    r = server.put("/datastore/label/info?label=case_001&tag=final", data={"info": json.dumps({"reviewer": "ann"})})
+    assert r.status_code == 200, r.text
+    label = server.get("/datastore/label/info?label=case_001&tag=final")
+    assert label.status_code == 200 and label.json()["reviewer"] == "ann", label.text
 
 
 @pytest.mark.parametrize(

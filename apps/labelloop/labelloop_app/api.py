@@ -1,6 +1,7 @@
 """Routes LabelLoop puts in front of MONAI Label's own, so that unknown task names get a 404 naming the
-valid ones, and training parameters a run cannot take a 422 naming them, instead of a background task that fails
-later. They delegate to MONAI Label's endpoint functions."""
+valid ones, the info of an image or label that is not stored a 404 instead of ``{}``, and training parameters a
+run cannot take a 422 naming them, instead of a background task that fails later.
+They delegate to MONAI Label's endpoint functions."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any, Callable, Dict, Optional
 
 from fastapi import APIRouter, Depends
 from monailabel.config import settings
+from monailabel.endpoints import datastore as datastore_endpoint
 from monailabel.endpoints import train as train_endpoint
 from monailabel.endpoints.user.auth import RBAC, User
 
@@ -78,6 +80,20 @@ def build_router(trainers: Callable[[], Dict], infers: Callable[[], Dict], datas
         finds nothing to stop and the run goes on (a *Stop* pressed right after *Train*)."""
         wait_until_started("train", STOP_WAIT_SECONDS)
         return train_endpoint.stop()
+
+    user_role = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))
+
+    @router.get("/datastore/image/info", include_in_schema=False)
+    async def image_info(image: str, user: User = user_role):
+        """MONAI Label's, but a 404 for an image not in the datastore (MONAI Label answers ``{}``)."""
+        datastore().require_image(image)
+        return datastore_endpoint.get_image_info(image)
+
+    @router.get("/datastore/label/info", include_in_schema=False)
+    async def label_info(label: str, tag: str, user: User = user_role):
+        """MONAI Label's, but a 404 for a label not in the datastore (MONAI Label answers ``{}``)."""
+        datastore().require_label(label, tag)
+        return datastore_endpoint.get_label_info(label, tag)
 
     # Batch inference has its own routes: labelloop_app.batch.build_batch_router.
 

@@ -150,9 +150,7 @@ class LabelLoopDatastore(LocalDatastore):
                     "--conf tasks classification (or segmentation,classification)"
                 )
             return save_class_label(self, self.class_check, image_id, label_filename, label_info)
-        obj = self._datastore.objects.get(image_id)
-        if not obj:
-            raise NotFound(f"image {image_id!r} is not in the datastore")
+        obj = self.require_image(image_id)
         ext = self._extension_of(label_filename)
         if self.label_check is not None:
             self.label_check(image_id, self.get_image_uri(image_id), label_filename, label_info or {}, values)
@@ -179,17 +177,38 @@ class LabelLoopDatastore(LocalDatastore):
             added += discover_class_labels(self, getattr(self, "class_check", None))
         return added
 
-    def remove_label(self, label_id: str, label_tag: str) -> None:
-        check_name("label tag", label_tag)
+    def require_image(self, image_id: str) -> ImageLabelModel:
+        """The stored image ``image_id``, or a 404 naming it (a 400 for an id that could not be one; files put in the
+        studies folder by hand may have names an upload could not, and stay reachable)."""
+        obj = self._datastore.objects.get(image_id)
+        if obj is None:
+            check_name("image id", image_id)
+            raise NotFound(f"image {image_id!r} is not in the datastore")
+        return obj
+
+    def require_label(self, label_id: str, label_tag: str) -> None:
+        """A 404 naming the label unless image ``label_id`` has a ``label_tag`` label."""
+        self.require_image(label_id)
         if not self.get_label_uri(label_id, label_tag):
+            check_name("label tag", label_tag)
             raise NotFound(f"no {label_tag!r} label for image {label_id!r}")
+
+    def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
+        self.require_image(image_id)
+        super().update_image_info(image_id, info)
+
+    def update_label_info(self, label_id: str, label_tag: str, info: Dict[str, Any]) -> None:
+        self.require_label(label_id, label_tag)
+        super().update_label_info(label_id, label_tag, info)
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        self.require_label(label_id, label_tag)
         super().remove_label(label_id, label_tag)
         if label_tag == CLASS_TAG and self._auto_reload:
             self.refresh()  # the file watcher follows image files only, not the class labels' JSON
 
     def remove_image(self, image_id: str) -> None:
-        if image_id not in self._datastore.objects:
-            raise NotFound(f"image {image_id!r} is not in the datastore")
+        self.require_image(image_id)
         super().remove_image(image_id)
 
 

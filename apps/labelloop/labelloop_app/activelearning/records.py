@@ -14,6 +14,8 @@ from typing import Any, Dict, Iterable, Optional
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.exception import ImageNotFoundException
 
+from labelloop_app.errors import NotFound
+
 logger = logging.getLogger(__name__)
 
 SCORES_KEY = "labelloop_scores"
@@ -41,7 +43,7 @@ def store_record(datastore: Datastore, image_id: str, task: str, record: Dict[st
             scores[task] = record
             datastore.update_image_info(image_id, {SCORES_KEY: scores})
             return True
-        except ImageNotFoundException:
+        except (ImageNotFoundException, NotFound):
             return False
         except RuntimeError as e:
             logger.debug("Retrying the score update of %s (%s)", image_id, e)
