@@ -151,6 +151,33 @@ def test_next_inference_uses_new_model_without_restart(trained_server):
     assert trained_server.process.poll() is None
 
 
+def test_an_inference_beside_a_training_takes_a_share_of_the_cpu_threads(trained_server):
+    """PyTorch's threads spin while they wait for each other: beside a training process, an inference with all of
+    them ran 5 to 28 times slower than alone on two cores, with half of them 1.7 times (``benchmarks/cpu_sharing.py``).
+    """
+    s = trained_server.server
+    infer = "/infer/segmentation?image=case_004&output=json"
+    alone = s.post(infer)
+    assert alone.status_code == 200, alone.text
+    threads = alone.json()["cpu_threads"]
+    assert threads >= 1
+    r = s.post("/train/segmentation", json={"max_epochs": 1000, "max_minutes": 3})
+    assert r.status_code == 200, r.text
+    try:
+        deadline = time.time() + 60
+        while s.get("/train/").json().get("status") != "RUNNING" and time.time() < deadline:
+            time.sleep(0.2)
+        assert s.get("/train/").json().get("status") == "RUNNING", s.log_tail()
+        beside = s.post(infer)
+        assert beside.status_code == 200, beside.text
+        assert beside.json()["cpu_threads"] == max(1, threads // 2)
+    finally:
+        assert s.delete("/train/").status_code == 200
+        s.wait_task("train", timeout=120)
+    after = s.post(infer)
+    assert after.status_code == 200 and after.json()["cpu_threads"] == threads, after.text
+
+
 def test_batch_infer_stores_original_labels(trained_server):
     r = trained_server.post("/batch/infer/segmentation?images=unlabeled", json={"device": "cpu"})
     assert r.status_code == 200, r.text

@@ -6,7 +6,7 @@ import threading
 
 import torch
 
-from labelloop_app.torch_threads import INFERENCE_THREADS, use_inference_threads
+from labelloop_app.torch_threads import INFERENCE_THREADS, threads_beside, use_inference_threads
 
 
 def run_in_new_thread(fn):
@@ -39,3 +39,11 @@ def test_a_thread_started_after_scoring_lowered_the_count_gets_it_back():
     assert INFERENCE_THREADS >= 1
     assert inherited == 1  # the pitfall: a new thread starts with the count the scorer set
     assert restored == (INFERENCE_THREADS, INFERENCE_THREADS)
+
+
+def test_an_inference_beside_other_work_takes_an_equal_share_of_the_threads():
+    assert threads_beside(0) == INFERENCE_THREADS
+    assert threads_beside(-1) == INFERENCE_THREADS
+    assert threads_beside(1) == max(1, INFERENCE_THREADS // 2)
+    assert threads_beside(3) == max(1, INFERENCE_THREADS // 4)
+    assert threads_beside(10 * INFERENCE_THREADS) == 1

@@ -45,6 +45,13 @@ def wait_until_started(method: str, seconds: float, poll: float = 0.05) -> bool:
     return True
 
 
+def trainings_running() -> int:
+    """How many of the server's training runs are running (each in its own process, on the same CPU)."""
+    from monailabel.utils.async_tasks.utils import tasks
+
+    return sum(t.get("status") == "RUNNING" for t in tasks("train"))
+
+
 def require_training_data(model: str, trainer: Any, params: Optional[dict], datastore: Any) -> None:
     """A 409 when ``trainer`` has nothing to train on: its datalist (what the run would train on) is empty or
     cannot be made. MONAI Label would start the run, which then fails in the background."""

@@ -19,7 +19,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 import labelloop_app
 from labelloop_app.activelearning import ActiveLearning, ActiveLearningConf
 from labelloop_app.activelearning import build_router as build_al_router
-from labelloop_app.api import install_form_json_checks, install_router, install_routes, require
+from labelloop_app.api import install_form_json_checks, install_router, install_routes, require, trainings_running
 from labelloop_app.batch import InteractiveGate, LabelLoopBatchInfer, build_batch_router
 from labelloop_app.class_labels import ClassLabelCheck, build_classes_router
 from labelloop_app.conf import ClassificationConf, SegmentationConf, parse_tasks
@@ -29,7 +29,7 @@ from labelloop_app.infer_classification import ClassificationInfer, DetectorInfe
 from labelloop_app.infer_segmentation import SegmentationInfer
 from labelloop_app.networks import classification_network, segmentation_network
 from labelloop_app.request_params import INFER_RULES, STRATEGY_RULES, checked
-from labelloop_app.torch_threads import use_inference_threads
+from labelloop_app.torch_threads import CPU_THREADS, use_inference_threads
 from labelloop_app.train_classification import ClassificationTrain
 from labelloop_app.train_detector import DetectorTrain
 from labelloop_app.train_segmentation import SegmentationTrain
@@ -175,9 +175,12 @@ class LabelLoopApp(MONAILabelApp):
             if not _is_uploaded_file(image):
                 check_name("image id", image)
                 raise NotFound(f"image {image!r} is not in the datastore")
-        use_inference_threads()  # a web-server worker may have been started after scoring lowered the count
         with self.interactive.request():
-            return super().infer(request, datastore)
+            threads = use_inference_threads(others=self.interactive.active - 1 + trainings_running())
+            result = super().infer({**request, CPU_THREADS: threads}, datastore)
+        if isinstance(result.get("params"), dict):
+            result["params"][CPU_THREADS] = threads
+        return result
 
     def next_sample(self, request):
         require("strategy", request.get("strategy", ""), self._strategies)

@@ -10,6 +10,7 @@ import torch
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from labelloop_app.errors import ModelNotTrained
+from labelloop_app.torch_threads import CPU_THREADS, use_threads
 
 
 class ModelFile:
@@ -58,6 +59,11 @@ class VersionedInferTask(BasicInferTask):
                 "the first model is published"
             )
         return super()._get_network(device, data)
+
+    def __call__(self, request, callbacks=None):
+        if request.get(CPU_THREADS):  # MONAI Label may run the task on a thread of its own inference pool
+            use_threads(int(request[CPU_THREADS]))
+        return super().__call__(request, callbacks)
 
     def info(self) -> Dict[str, Any]:
         info = super().info()
