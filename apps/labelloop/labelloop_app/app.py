@@ -23,6 +23,7 @@ from labelloop_app.api import install_form_json_checks, install_router, install_
 from labelloop_app.batch import InteractiveGate, LabelLoopBatchInfer, build_batch_router
 from labelloop_app.class_labels import ClassLabelCheck, build_classes_router
 from labelloop_app.conf import ClassificationConf, SegmentationConf, parse_tasks
+from labelloop_app.cpu_load import CpuLoad
 from labelloop_app.datastore import LabelLoopDatastore, SegmentationLabelCheck, check_name
 from labelloop_app.errors import NotFound
 from labelloop_app.infer_classification import ClassificationInfer, DetectorInfer
@@ -66,6 +67,8 @@ class LabelLoopApp(MONAILabelApp):
             else None
         )
         self.interactive = InteractiveGate()  # interactive /infer requests in flight; a running batch yields to them
+        self.cpu_load = CpuLoad()  # cores other processes keep busy: an inference leaves them (torch_threads)
+        self.cpu_load.start()
         self.al = ActiveLearning(  # strategies, leases and background scoring (labelloop_app.activelearning)
             ActiveLearningConf.from_conf(conf),
             self.tasks,
@@ -176,7 +179,8 @@ class LabelLoopApp(MONAILabelApp):
                 check_name("image id", image)
                 raise NotFound(f"image {image!r} is not in the datastore")
         with self.interactive.request():
-            threads = use_inference_threads(others=self.interactive.active - 1 + trainings_running())
+            others = self.interactive.active - 1 + trainings_running()
+            threads = use_inference_threads(others, self.cpu_load.busy_cores)
             result = super().infer({**request, CPU_THREADS: threads}, datastore)
         if isinstance(result.get("params"), dict):
             result["params"][CPU_THREADS] = threads

@@ -14,6 +14,8 @@ process than alone, and 1.7 times slower with one (``benchmarks/cpu_sharing.py``
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 CPU_THREADS = "cpu_threads"
@@ -23,10 +25,13 @@ INFERENCE_THREADS = torch.get_num_threads()
 """The process's thread count when LabelLoop was imported, before any thread lowered it."""
 
 
-def threads_beside(others: int) -> int:
-    """The threads an inference takes while ``others`` CPU-bound jobs run beside it: all of them alone, else an
-    equal share of the process's thread count, at least one."""
-    return max(1, INFERENCE_THREADS // (1 + max(0, int(others))))
+def threads_beside(others: int, busy_cores: float = 0.0) -> int:
+    """The threads an inference takes while ``others`` CPU-bound jobs of this server run beside it and other
+    processes keep ``busy_cores`` cores busy: all of them alone; else an equal share among the jobs, and no more
+    than the cores the other processes leave (a core counts when they use over half of it); at least one."""
+    share = INFERENCE_THREADS // (1 + max(0, int(others)))
+    left = INFERENCE_THREADS - math.floor(max(0.0, busy_cores) + 0.5)
+    return max(1, min(share, left))
 
 
 def use_threads(threads: int) -> int:
@@ -36,6 +41,6 @@ def use_threads(threads: int) -> int:
     return threads
 
 
-def use_inference_threads(others: int = 0) -> int:
+def use_inference_threads(others: int = 0, busy_cores: float = 0.0) -> int:
     """Give the calling thread its share of the process's intra-op threads (:func:`threads_beside`); returns it."""
-    return use_threads(threads_beside(others))
+    return use_threads(threads_beside(others, busy_cores))
