@@ -319,12 +319,15 @@ def test_unknown_names_rejected(server, path, status, words):
         ("get", "/datastore/label/info?label=no_such_image&tag=final", 404, ["no_such_image' is not in the datastore"]),
         ("get", "/datastore/label/info?label=case_000&tag=nope", 404, ["no 'nope' label for image 'case_000'"]),
         ("get", "/datastore/label/info?label=case_000&tag=../final", 400, ["invalid label tag '../final'"]),
+        ("get", "/datastore/image?image=no_such_image", 404, ["image 'no_such_image' is not in the datastore"]),
+        ("get", "/datastore/image?image=../studies/case_000", 400, ["invalid image id '../studies/case_000'"]),
+        ("get", "/datastore/label?label=case_000&tag=nope", 404, ["no 'nope' label for image 'case_000'"]),
         ("put", "/datastore/image/info?image=no_such_image", 404, ["image 'no_such_image' is not in the datastore"]),
         ("put", "/datastore/label/info?label=case_000&tag=nope", 404, ["no 'nope' label for image 'case_000'"]),
         ("put", "/datastore/label/info?label=no_such_image&tag=final", 404, ["no_such_image' is not in the datastore"]),
     ],
 )
-def test_info_of_what_is_not_stored_is_a_404_and_changes_nothing(server, method, path, status, words):
+def test_what_is_not_stored_is_a_404_and_changes_nothing(server, method, path, status, words):
     """MONAI Label answers these reads with 200 ``{}`` and these updates with a 500."""
     before = snapshot(server.studies)
     kw = {"data": {"info": json.dumps({"note": "x"})}} if method == "put" else {}
@@ -335,7 +338,10 @@ def test_info_of_what_is_not_stored_is_a_404_and_changes_nothing(server, method,
     assert snapshot(server.studies) == before
 
 
-def test_info_of_stored_images_and_labels_still_reads_and_updates(server):
+def test_stored_images_labels_and_their_info_still_read_and_update(server):
+    assert server.get("/datastore/image?image=case_001").content == (server.studies / "case_001.nii.gz").read_bytes()
+    label = server.get("/datastore/label?label=case_001&tag=final").content
+    assert label == (server.studies / "labels" / "final" / "case_001.nii.gz").read_bytes()
     image = server.get("/datastore/image/info?image=case_001")
     assert image.status_code == 200 and image.json()["name"].startswith("case_001"), image.text
     r = server.put("/datastore/label/info?label=case_001&tag=final", data={"info": json.dumps({"reviewer": "ann"})})

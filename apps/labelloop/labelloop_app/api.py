@@ -1,6 +1,7 @@
 """Routes LabelLoop puts in front of MONAI Label's own, so that unknown task names get a 404 naming the
-valid ones, the info of an image or label that is not stored a 404 instead of ``{}``, and training parameters a
-run cannot take a 422 naming them, instead of a background task that fails later.
+valid ones, an image or label (or its info) that is not stored a 404 naming it (MONAI Label answers ``{}`` for
+the info), and training parameters a run cannot take a 422 naming them, instead of a background task that fails
+later.
 They delegate to MONAI Label's endpoint functions."""
 
 from __future__ import annotations
@@ -89,6 +90,18 @@ def build_router(trainers: Callable[[], Dict], infers: Callable[[], Dict], datas
         return train_endpoint.stop()
 
     user_role = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))
+
+    @router.get("/datastore/image", include_in_schema=False)
+    async def image_file(image: str, user: User = user_role):
+        """MONAI Label's, with a 404 that names the image (MONAI Label's says "Image NOT Found")."""
+        datastore().require_image(image)
+        return datastore_endpoint.download_image(image)
+
+    @router.get("/datastore/label", include_in_schema=False)
+    async def label_file(label: str, tag: str, user: User = user_role):
+        """MONAI Label's, with a 404 that names the label (MONAI Label's says "Label NOT Found")."""
+        datastore().require_label(label, tag)
+        return datastore_endpoint.download_label(label, tag)
 
     @router.get("/datastore/image/info", include_in_schema=False)
     async def image_info(image: str, user: User = user_role):
