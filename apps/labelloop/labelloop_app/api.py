@@ -91,29 +91,31 @@ def build_router(trainers: Callable[[], Dict], infers: Callable[[], Dict], datas
 
     user_role = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))
 
-    @router.get("/datastore/image", include_in_schema=False)
-    async def image_file(image: str, user: User = user_role):
-        """MONAI Label's, with a 404 that names the image (MONAI Label's says "Image NOT Found")."""
-        datastore().require_image(image)
-        return datastore_endpoint.download_image(image)
+    def image_route(endpoint: Callable[[str], Any]):
+        async def route(image: str, user: User = user_role):
+            datastore().require_image(image)
+            return endpoint(image)
 
-    @router.get("/datastore/label", include_in_schema=False)
-    async def label_file(label: str, tag: str, user: User = user_role):
-        """MONAI Label's, with a 404 that names the label (MONAI Label's says "Label NOT Found")."""
-        datastore().require_label(label, tag)
-        return datastore_endpoint.download_label(label, tag)
+        return route
 
-    @router.get("/datastore/image/info", include_in_schema=False)
-    async def image_info(image: str, user: User = user_role):
-        """MONAI Label's, but a 404 for an image not in the datastore (MONAI Label answers ``{}``)."""
-        datastore().require_image(image)
-        return datastore_endpoint.get_image_info(image)
+    def label_route(endpoint: Callable[[str, str], Any]):
+        async def route(label: str, tag: str, user: User = user_role):
+            datastore().require_label(label, tag)
+            return endpoint(label, tag)
 
-    @router.get("/datastore/label/info", include_in_schema=False)
-    async def label_info(label: str, tag: str, user: User = user_role):
-        """MONAI Label's, but a 404 for a label not in the datastore (MONAI Label answers ``{}``)."""
-        datastore().require_label(label, tag)
-        return datastore_endpoint.get_label_info(label, tag)
+        return route
+
+    # MONAI Label's reads, but a 404 that names what is not stored (MONAI Label's say "NOT Found", or give {} info)
+    for path, endpoint in (
+        ("/datastore/image", datastore_endpoint.download_image),
+        ("/datastore/image/info", datastore_endpoint.get_image_info),
+    ):
+        router.add_api_route(path, image_route(endpoint), methods=["GET"], include_in_schema=False)
+    for path, endpoint in (
+        ("/datastore/label", datastore_endpoint.download_label),
+        ("/datastore/label/info", datastore_endpoint.get_label_info),
+    ):
+        router.add_api_route(path, label_route(endpoint), methods=["GET"], include_in_schema=False)
 
     # Batch inference has its own routes: labelloop_app.batch.build_batch_router.
 
