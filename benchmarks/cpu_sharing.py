@@ -29,6 +29,7 @@ JSON (with the written notes in its ``notes``) and runs nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -37,7 +38,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 from classification import prepare_studies  # same folder: the sample data's studies with their class labels
@@ -84,6 +85,24 @@ def time_batches(network, x, threads: int, batches: int) -> float:
     return (time.perf_counter() - start) / batches
 
 
+@contextlib.contextmanager
+def training_beside(threads: int) -> Iterator[Callable[[], float]]:
+    """A training process (:func:`train_forever`) running in its stride; yields a function giving its steps per
+    second since the ``with`` block began."""
+    ctx = mp.get_context("spawn")
+    steps, stop = ctx.Value("l", 0), ctx.Event()
+    trainer = ctx.Process(target=train_forever, args=(threads, steps, stop), daemon=True)
+    trainer.start()
+    try:
+        while steps.value < 3:
+            time.sleep(0.2)
+        first, start = steps.value, time.perf_counter()
+        yield lambda: (steps.value - first) / (time.perf_counter() - start)
+    finally:
+        stop.set()
+        trainer.join()
+
+
 def measure(case: str, threads: int, batches: int, cores_threads: int) -> Dict[str, float]:
     """One timing of ``case`` with ``threads`` threads; the training's steps per second when one ran beside it."""
     network, x = inference_unit()
@@ -91,17 +110,9 @@ def measure(case: str, threads: int, batches: int, cores_threads: int) -> Dict[s
     if case == "alone":
         result["seconds_per_batch"] = time_batches(network, x, threads, batches)
     elif case == "beside training":
-        ctx = mp.get_context("spawn")
-        steps, stop = ctx.Value("l", 0), ctx.Event()
-        trainer = ctx.Process(target=train_forever, args=(cores_threads, steps, stop), daemon=True)
-        trainer.start()
-        while steps.value < 3:  # the training is in its stride
-            time.sleep(0.2)
-        start, first = time.perf_counter(), steps.value
-        result["seconds_per_batch"] = time_batches(network, x, threads, batches)
-        result["training_steps_per_second"] = (steps.value - first) / (time.perf_counter() - start)
-        stop.set()
-        trainer.join()
+        with training_beside(cores_threads) as rate:
+            result["seconds_per_batch"] = time_batches(network, x, threads, batches)
+            result["training_steps_per_second"] = rate()
     elif case == "two at once":
         times: List[float] = []
         other = threading.Thread(target=lambda: times.append(time_batches(network, x, threads, batches)))
@@ -115,18 +126,9 @@ def measure(case: str, threads: int, batches: int, cores_threads: int) -> Dict[s
 
 
 def training_alone(cores_threads: int, seconds: float = 20.0) -> float:
-    ctx = mp.get_context("spawn")
-    steps, stop = ctx.Value("l", 0), ctx.Event()
-    trainer = ctx.Process(target=train_forever, args=(cores_threads, steps, stop), daemon=True)
-    trainer.start()
-    while steps.value < 3:
-        time.sleep(0.2)
-    first, start = steps.value, time.perf_counter()
-    time.sleep(seconds)
-    rate = (steps.value - first) / (time.perf_counter() - start)
-    stop.set()
-    trainer.join()
-    return rate
+    with training_beside(cores_threads) as rate:
+        time.sleep(seconds)
+        return rate()
 
 
 SERVER_CONF = {

@@ -30,7 +30,7 @@ from labelloop_app.infer_classification import ClassificationInfer, DetectorInfe
 from labelloop_app.infer_segmentation import SegmentationInfer
 from labelloop_app.networks import classification_network, segmentation_network
 from labelloop_app.request_params import INFER_RULES, STRATEGY_RULES, checked
-from labelloop_app.torch_threads import CPU_THREADS, use_inference_threads
+from labelloop_app.torch_threads import CPU_THREADS, threads_beside
 from labelloop_app.train_classification import ClassificationTrain
 from labelloop_app.train_detector import DetectorTrain
 from labelloop_app.train_segmentation import SegmentationTrain
@@ -179,8 +179,8 @@ class LabelLoopApp(MONAILabelApp):
                 check_name("image id", image)
                 raise NotFound(f"image {image!r} is not in the datastore")
         with self.interactive.request():
-            others = self.interactive.active - 1 + trainings_running()
-            threads = use_inference_threads(others, self.cpu_load.busy_cores)
+            # the task sets the count on the thread that runs it (VersionedInferTask)
+            threads = threads_beside(self.interactive.active - 1 + trainings_running(), self.cpu_load.busy_cores)
             result = super().infer({**request, CPU_THREADS: threads}, datastore)
         if isinstance(result.get("params"), dict):
             result["params"][CPU_THREADS] = threads

@@ -41,6 +41,6 @@ def use_threads(threads: int) -> int:
     return threads
 
 
-def use_inference_threads(others: int = 0, busy_cores: float = 0.0) -> int:
-    """Give the calling thread its share of the process's intra-op threads (:func:`threads_beside`); returns it."""
-    return use_threads(threads_beside(others, busy_cores))
+def use_inference_threads() -> int:
+    """Give the calling thread the process's full intra-op thread count; returns it."""
+    return use_threads(INFERENCE_THREADS)
